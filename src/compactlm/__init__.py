@@ -1,0 +1,19 @@
+"""compactlm: make open LLMs small and fast.
+
+Public API at a glance::
+
+    import compactlm
+    model, tok = compactlm.models.load("smollm2-135m")
+    print(compactlm.evaluation.perplexity(model, tok, windows=40))
+
+Nothing is patched at import.
+"""
+
+from . import config, data, evaluation, models
+from .api import compress
+from .config import BaseConfig, PerLayer
+from .errors import CompactLMError
+
+__version__ = "0.1.0"
+
+__all__ = ["compress", "BaseConfig", "PerLayer", "CompactLMError", "config", "data", "evaluation", "models"]
