@@ -1,0 +1,225 @@
+"""The one layer-wise calibration driver for every calibrated method (GPTQ, APTQ, Wanda, SparseGPT, Barber).
+
+A plain loop over decoder layers, in the shape of the GPTQ/Wanda reference loops (``llama_sequential``):
+
+1. capture the inputs of layer 0 for every calibration batch (and each layer's keyword arguments —
+   rotary embeddings, masks — from one probe forward of a single sample);
+2. for each layer, on the compute device, one layer at a time: optionally record the layer's
+   reference outputs; for each ``true_sequential`` group of linears, hook them, forward the batches,
+   and let the method ``solve`` each linear from its statistics; then give the method a chance to
+   refine the whole layer (LLM-Barber's block-wise backward pass); finally re-forward so that the next
+   layer sees the outputs of the already-compressed layers before it.
+
+Activations stream: they stay on the CPU and move to the compute device one batch at a time.
+A method plugs in only a collector and a solve (see :class:`CalibratedMethod`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError, DataError
+from .models.adapter import Adapter, get_adapter
+from .utils import progress
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer during calibration: the module, its captured inputs and how to run it."""
+
+    index: int
+    layer: nn.Module
+    prefix: str  # e.g. "model.layers.3"
+    adapter: Adapter
+    inputs: list[torch.Tensor]  # per batch (B, T, hidden), on CPU
+    kwargs: dict[str, Any]  # the layer's keyword arguments, broadcastable over the batch, on the device
+    device: torch.device
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Forward one batch (already on the device) through the layer."""
+        return _first_tensor(self.layer(hidden, **self.kwargs))
+
+    @torch.no_grad()
+    def forward_all(self, keep: bool = True) -> list[torch.Tensor]:
+        """Forward every calibration batch; return the outputs on CPU (or nothing with ``keep=False``)."""
+        outs = []
+        for x in self.inputs:
+            y = self.run(x.to(self.device))
+            if keep:
+                outs.append(y.to("cpu"))
+        return outs
+
+
+class CalibratedMethod(Protocol):
+    """What a calibrated method plugs into :func:`run`."""
+
+    true_sequential: bool  # solve linears group by group, re-collecting statistics after each group
+    needs_reference_outputs: bool  # record the layer's outputs before any change (for ``refine_layer``)
+
+    def new_stats(self, name: str, module: nn.Linear) -> Any: ...
+
+    def add_batch(self, stats: Any, name: str, module: nn.Linear, inp: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    def solve(self, name: str, module: nn.Linear, stats: Any, ctx: LayerContext) -> dict[str, Any]: ...
+
+    def refine_layer(self, ctx: LayerContext, targets: dict[str, nn.Linear],
+                     reference_outputs: list[torch.Tensor] | None) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class LayerwiseReport:
+    """Per-linear records returned by each ``solve`` (plus layer-level records), in calibration order."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    layer_records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_device(model: nn.Module) -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_size: int,
+                   device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Layer-0 inputs of every batch (on CPU) and each layer's kwargs (from a one-sample probe, on ``device``)."""
+    layers = adapter.layers
+    captured: list[torch.Tensor] = []
+    per_layer_kwargs: list[dict[str, Any]] = [{} for _ in layers]
+    skip = ("hidden_states", "past_key_values", "cache", "use_cache", "output_attentions")
+
+    def stop_at_layer0(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden.detach().to("cpu"))
+        raise _StopForward
+
+    def probe(i):
+        def hook(_module, args, kwargs):
+            per_layer_kwargs[i] = {k: v for k, v in kwargs.items() if k not in skip}
+        return hook
+
+    # One sample through the whole model, where it lives, records every layer's kwargs (they differ per layer
+    # type, e.g. Gemma 3's local/global RoPE and sliding masks); batch-size-1 tensors broadcast over any batch.
+    handles = [layer.register_forward_pre_hook(probe(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=calib[:1].to(adapter.embed_tokens.weight.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    # Then only the embeddings (and rotary tables) on the device to capture layer 0's inputs of every batch.
+    outer = [adapter.embed_tokens, adapter.rotary_emb]
+    homes = [next(m.parameters(), next(m.buffers(), torch.empty(0))).device for m in outer]
+    handle = layers[0].register_forward_pre_hook(stop_at_layer0, with_kwargs=True)
+    try:
+        for m in outer:
+            m.to(device)
+        for batch in torch.split(calib, batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m, home in zip(outer, homes, strict=True):
+            m.to(home)
+    return captured, [_to(kw, device) for kw in per_layer_kwargs]
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise CalibrationError(f"{bad} non-finite values (NaN/inf) in {what}; check the calibration data and the "
+                               "model's dtype (fp16 overflows are common: try --dtype fp32 or bf16)")
+
+
+def run(
+    model: nn.Module,
+    calib: torch.Tensor,
+    method: CalibratedMethod,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    desc: str = "calibrating",
+) -> LayerwiseReport:
+    """Calibrate ``model`` layer by layer with ``method`` on ``calib`` (N, T) token ids; modifies it in place."""
+    if calib is None:
+        raise DataError("this method needs calibration data: pass calib=(N, T) token ids, e.g. "
+                        "compactlm.data.calibration_set(tokenizer)")
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.numel() == 0:
+        raise DataError(f"calib must be a non-empty (N, T) tensor of token ids, got {getattr(calib, 'shape', calib)}")
+    adapter = get_adapter(model)
+    device = torch.device(device) if device is not None else default_device(model)
+    was_training = model.training
+    model.eval()
+    inputs, layer_kwargs = capture_inputs(model, adapter, calib, batch_size, device)
+    report = LayerwiseReport()
+    try:
+        for i in progress(range(adapter.num_layers), desc=desc, total=adapter.num_layers, leave=False):
+            layer = adapter.layers[i]
+            home = next(layer.parameters()).device
+            layer.to(device)
+            ctx = LayerContext(i, layer, adapter.layer_prefix(i), adapter, inputs, layer_kwargs[i], device)
+            for j, x in enumerate(inputs):
+                _check_finite(x, f"the calibration activations entering layer {i} ({ctx.prefix}), batch {j}")
+            targets = {n: m for n, m in adapter.linears(i).items()
+                       if filter_fn is None or filter_fn(f"{ctx.prefix}.{n}", m)}
+            reference = ctx.forward_all() if method.needs_reference_outputs else None
+            groups = adapter.sequential_groups(i) if method.true_sequential else [list(adapter.linears(i))]
+            for group in groups:
+                names = [n for n in group if n in targets]
+                if names:
+                    _solve_group(ctx, method, {n: targets[n] for n in names}, report)
+            extra = method.refine_layer(ctx, targets, reference)
+            if extra:
+                report.layer_records.append({"layer": i, **extra})
+            inputs = ctx.forward_all()
+            layer.to(home)
+    finally:
+        model.train(was_training)
+    return report
+
+
+@torch.no_grad()
+def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str, nn.Linear],
+                 report: LayerwiseReport) -> None:
+    stats = {n: method.new_stats(n, m) for n, m in modules.items()}
+
+    def collector(name: str):
+        def hook(module, args, output):
+            method.add_batch(stats[name], name, module, args[0].detach(), output.detach())
+        return hook
+
+    handles = [m.register_forward_hook(collector(n)) for n, m in modules.items()]
+    try:
+        ctx.forward_all(keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, module in modules.items():
+        record = method.solve(name, module, stats[name], ctx)
+        _check_finite(module.weight, f"the weight of {ctx.prefix}.{name} after solving")
+        report.records.append({"name": f"{ctx.prefix}.{name}", **(record or {})})
+        stats[name] = None  # free Hessians as we go
