@@ -10,7 +10,6 @@ from compactlm.kernels.block_prefill import (
     block_attention,
     block_attention_flex,
     block_attention_reference,
-    block_attention_triton,
     dense_causal_reference,
     dense_layout,
     layout_from_mask,
