@@ -1,0 +1,224 @@
+"""SALS: sparse attention in a calibrated low-rank latent space of the pre-RoPE keys.
+
+Based on "SALS: Sparse Attention in Latent Space for KV cache Compression" (arXiv 2510.24273):
+
+- §3 / §4.1 calibration: per layer, the pre-RoPE keys of all KV heads are concatenated (one n_kv·d vector
+  per token) and projected on the top-r eigenvectors of KᵀK (PCA without centring) measured on CALIB-pg-512.
+  Pre-RoPE keys have much lower rank than post-RoPE keys, so r = 25 % or 12.5 % keeps most of their energy.
+- §4.2 decode: the cache holds the latent keys (r numbers per token, shared by the KV heads) and the values.
+  Each step scores every cached token with the query in the same latent space on the first r* dims, keeps
+  the top-k plus ``sink`` first and ``recent`` last tokens, rebuilds only the chosen keys from the latent,
+  applies RoPE at their positions and attends exactly.
+
+RoPE and the projection do not commute (RoPE rotates pairs of channels by a position-dependent angle), so the
+latent space is that of the *pre-RoPE* keys, and the query is scored pre-RoPE as well: the post-RoPE query the
+attention function receives is rotated back by its own position (:func:`~compactlm.kernels.sparse_decode.unrope`),
+then projected with the rows of the joint projection that belong to its KV head. The score q·U_h·z is then a
+RoPE-free estimate of q·k: it ignores the relative-position term RoPE adds. That is the paper's choice (scoring
+with "RoPE-free query-key interactions"); the exact attention over the chosen tokens uses the real RoPE.
+
+Deviations, each on purpose: selection is per KV head (pooled over its query heads) rather than per query head,
+so a GQA group reads one set of tokens; projections are stored as the full eigenbasis so one calibration serves
+every rank; keys are recovered from the post-RoPE keys the cache receives by the inverse rotation (exact up to
+rounding) instead of a second hook on ``k_proj``.
+
+Fields of :class:`SALSConfig`: ``rank`` (fraction of n_kv·d, or a count), ``score_dims`` r* (fraction of r or a
+count; default r/2), ``keep`` (fraction of the context or a count), ``sink``, ``recent``, ``dense_first`` /
+``dense_last`` (or an explicit ``dense_layers`` list), ``mode`` (``compressed``: the cache holds only latent
+keys + values; ``index``: full keys kept, the latent only selects), ``pool`` (how a GQA group's query heads vote),
+``block`` / ``block_reduce`` (select contiguous blocks instead of tokens), ``projections`` (a calibration file or
+a folder holding ``sals_projections.safetensors``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..config import BaseConfig
+from ..errors import ConfigError
+from ..evaluation.methods import RuntimeMethod, register_method
+from ..kernels.sparse_decode import DecodeBuffers, SelectParams, sals_decode
+from .decode_common import (
+    CacheCapture,
+    RopeTable,
+    decode_inputs,
+    layer_ranges,
+    resolve_count,
+)
+from .runtime import PhaseHandlers, register_runtime, sparse_attention
+from .sals_cache import SALSLayer, convert_cache
+from .sals_calib import SALSProjections, projections_for
+
+MODES = ("compressed", "index")
+POOLS = ("max", "mean", "softmax")
+REDUCES = ("max", "mean", "logsumexp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SALSConfig(BaseConfig):
+    """SALS decode sparse attention (arXiv 2510.24273, §4). See the module docstring for the fields."""
+
+    rank: float | int = 0.25
+    score_dims: float | int = 0.5
+    keep: float | int = 0.125
+    sink: int = 16
+    recent: int = 64
+    dense_first: int = 2
+    dense_last: int = 1
+    dense_layers: tuple[int, ...] | None = None
+    mode: str = "compressed"
+    pool: str = "max"
+    block: int = 1
+    block_reduce: str = "max"
+    projections: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "score_dims", "keep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ConfigError(f"SALSConfig.{name} must be a positive fraction (< 1) or count, got {v!r}")
+            if isinstance(v, float) and v > 1:
+                raise ConfigError(f"SALSConfig.{name}={v} is a float above 1; give a fraction ≤ 1 or an int count")
+        for name in ("sink", "dense_first", "dense_last"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"SALSConfig.{name} must be an int ≥ 0, got {getattr(self, name)!r}")
+        if not isinstance(self.recent, int) or self.recent < 1:
+            raise ConfigError(f"SALSConfig.recent must be an int ≥ 1 (the new token itself), got {self.recent!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"SALSConfig.mode={self.mode!r}; use 'compressed' (latent keys only) or 'index'")
+        if self.pool not in POOLS:
+            raise ConfigError(f"SALSConfig.pool={self.pool!r}; use one of {', '.join(POOLS)}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ConfigError(f"SALSConfig.block must be an int ≥ 1 (1 = token-level top-k), got {self.block!r}")
+        if self.block_reduce not in REDUCES:
+            raise ConfigError(f"SALSConfig.block_reduce={self.block_reduce!r}; use one of {', '.join(REDUCES)}")
+        if self.dense_layers is not None:
+            if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):
+                raise ConfigError(f"SALSConfig.dense_layers must be layer indices ≥ 0, got {self.dense_layers!r}")
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+
+    def sparse_layers(self, num_layers: int) -> list[int]:
+        return layer_ranges(num_layers, self.dense_first, self.dense_last, self.dense_layers)
+
+    def ranks(self, width: int) -> tuple[int, int]:
+        """(r, r*) for a joint key width n_kv·d."""
+        r = resolve_count(self.rank, width, "rank")
+        return r, min(r, resolve_count(self.score_dims, r, "score_dims"))
+
+
+SALS = SALSConfig
+
+
+class SALSRun:
+    """Per-run state of one ``sparse_attention(model, SALSConfig(...))`` scope (never stored on the config)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: SALSConfig, projections: SALSProjections):
+        from ..models import get_adapter
+
+        self.adapter = get_adapter(model)
+        self.cfg = cfg
+        a = self.adapter
+        self.width = a.num_kv_heads * a.head_dim
+        self.r, self.r_star = cfg.ranks(self.width)
+        self.sparse = cfg.sparse_layers(a.num_layers)
+        self.projections = projections
+        self.rope = RopeTable(a)
+        self.capture = CacheCapture(self.convert)
+        self.buffers: dict[int, DecodeBuffers] = {}
+
+    def convert(self, cache: Any) -> None:
+        convert_cache(cache, self.adapter, self.cfg, self.projections, self.rope, self.sparse)
+
+    def handler(self, i: int):
+        def decode(module, query, key, value, attention_mask, scaling, fallback, **kwargs):
+            layer = self.capture.layer(i)
+            if not isinstance(layer, SALSLayer):
+                raise RuntimeError(f"layer {i}: SALS decode needs the cache converted on entry; got "
+                                   f"{type(layer).__name__}. Pass the cache as `cache=`/`past_key_values=`.")
+            length = layer.length
+            q_cos, q_sin, valid = decode_inputs(self.rope, query, kwargs, attention_mask, length, i)
+            params = SelectParams(k=resolve_count(self.cfg.keep, length, "keep"), sink=self.cfg.sink,
+                                  recent=self.cfg.recent, pool=self.cfg.pool, block=self.cfg.block,
+                                  block_reduce=self.cfg.block_reduce)
+            cos_t, sin_t = self.rope.tables(layer.max_pos + 1, i, layer.proj.dtype)
+            out, _ = sals_decode(query, q_cos, q_sin, layer.latent_view(), layer.values_view(),
+                                 layer.positions_view(), layer.proj, self.r_star, cos_t, sin_t, params, scaling,
+                                 valid=valid, keys=layer.keys_view(),
+                                 buffers=self.buffers.setdefault(i, DecodeBuffers()))
+            return out, None
+
+        return decode
+
+
+@register_runtime(SALSConfig)
+def _build(model: torch.nn.Module, cfg: SALSConfig) -> PhaseHandlers:
+    projections = projections_for(model, cfg.projections)
+    run = SALSRun(model, cfg, projections)
+    hook = run.adapter.decoder.register_forward_pre_hook(run.capture, with_kwargs=True)
+    return PhaseHandlers(decode={i: run.handler(i) for i in run.sparse}, close=hook.remove, state=run)
+
+
+def sals_method(model: torch.nn.Module, cfg: SALSConfig, name: str = "sals") -> RuntimeMethod:
+    """A :class:`RuntimeMethod` for the long-context runners: shares the dense prefill, converts its cache."""
+    from ..models import get_adapter
+
+    projections = projections_for(model, cfg.projections)
+    adapter = get_adapter(model)
+    rope = RopeTable(adapter)
+    sparse = cfg.sparse_layers(adapter.num_layers)
+
+    def make_cache(model: torch.nn.Module, prefill_cache: Any) -> Any:
+        import copy
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config) if prefill_cache is None else copy.deepcopy(prefill_cache)
+        convert_cache(cache, adapter, cfg, projections, rope, sparse)
+        return cache
+
+    r, r_star = cfg.ranks(adapter.num_kv_heads * adapter.head_dim)
+    return RuntimeMethod(name, attach=lambda m: sparse_attention(m, cfg), make_cache=make_cache,
+                         shares_prefill=True,
+                         description=f"SALS r={r} r*={r_star} keep={cfg.keep} sink={cfg.sink} recent={cfg.recent} "
+                                     f"mode={cfg.mode} dense={sorted(set(range(adapter.num_layers)) - set(sparse))}")
+
+
+def config_from_options(cls: type, options: dict[str, Any]) -> Any:
+    """Build a config from CLI/runner options, with numbers parsed and unknown names refused."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - names - {"tokenizer"}
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no option(s) {sorted(unknown)}; options are {sorted(names)}")
+    kwargs = {}
+    for key, value in options.items():
+        if key == "tokenizer":
+            continue
+        if isinstance(value, str) and key not in ("mode", "pool", "block_reduce", "projections"):
+            value = _parse_number(key, value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_number(key: str, text: str) -> Any:
+    if key == "dense_layers":
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        raise ConfigError(f"option {key}={text!r} is not a number") from None
+
+
+@register_method("attn:sals")
+def _sals_builder(model: torch.nn.Module, options: dict[str, Any]) -> RuntimeMethod:
+    cfg = config_from_options(SALSConfig, options)
+    if options.get("tokenizer") is not None and cfg.projections is None:
+        from .sals_calib import ensure_projections
+
+        ensure_projections(model, options["tokenizer"])
+    return sals_method(model, cfg)

@@ -1,0 +1,188 @@
+"""The SALS cache layer: latent keys (+ values, positions) instead of full keys for sparse layers.
+
+A :class:`SALSLayer` replaces a ``DynamicLayer`` of a transformers cache in place (:func:`convert_cache`), so
+the cache object the caller holds stays the same. ``compressed`` mode stores r numbers per token for the keys
+of all KV heads together (the memory saving of arXiv 2510.24273, §4); ``index`` mode also keeps the full keys
+and uses the latent only to select. Buffers grow by doubling, so a decode step appends in O(1) amortised
+instead of concatenating the whole cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from ..errors import ConfigError
+from ..kernels.sparse_decode import rope, unrope
+
+
+class SALSLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, proj: torch.Tensor, rope_table: Any, layer_idx: int, mode: str = "compressed"):
+        super().__init__()
+        self.proj = proj  # (n_kv, d, r), in the cache dtype
+        self.proj_f32 = proj.float()
+        self.rope_table = rope_table
+        self.layer_idx = layer_idx
+        self.mode = mode
+        self.length = 0
+        self.max_pos = -1
+        self._latent: torch.Tensor | None = None  # (B, cap, r)
+        self._values: torch.Tensor | None = None  # (B, n_kv, cap, d)
+        self._keys: torch.Tensor | None = None  # (B, n_kv, cap, d), index mode only
+        self._positions: torch.Tensor | None = None  # (B, cap) int32
+
+    # --- storage ----------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def _grow(self, batch: int, need: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        cap = 0 if self._latent is None else self._latent.shape[1]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 256)
+        r = self.proj.shape[-1]
+        hkv, d = like_v.shape[1], like_v.shape[-1]
+        dev = like_v.device
+
+        def grown(old: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, dim: int) -> torch.Tensor:
+            new = torch.empty(shape, dtype=dtype, device=dev)
+            if old is not None and self.length:
+                new.narrow(dim, 0, self.length).copy_(old.narrow(dim, 0, self.length))
+            return new
+
+        self._latent = grown(self._latent, (batch, new_cap, r), self.proj.dtype, 1)
+        self._values = grown(self._values, (batch, hkv, new_cap, d), like_v.dtype, 2)
+        self._positions = grown(self._positions, (batch, new_cap), torch.int32, 1)
+        if self.mode == "index":
+            self._keys = grown(self._keys, (batch, hkv, new_cap, d), like_k.dtype, 2)
+
+    def latent_view(self) -> torch.Tensor:
+        return self._latent[:, : self.length]
+
+    def values_view(self) -> torch.Tensor:
+        return self._values[:, :, : self.length]
+
+    def positions_view(self) -> torch.Tensor:
+        return self._positions[:, : self.length]
+
+    def keys_view(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[:, :, : self.length]
+
+    def rebuild_keys(self) -> torch.Tensor:
+        """Every cached key, rebuilt from the latent and rotated at its position: (B, n_kv, L, d)."""
+        z = self.latent_view()
+        k_pre = torch.einsum("blr,hdr->bhld", z, self.proj)
+        cos, sin = self.rope_table.at(self.positions_view(), self.layer_idx, k_pre.dtype)
+        return rope(k_pre, cos[:, None], sin[:, None])
+
+    def nbytes(self) -> int:
+        """Bytes held for the cached tokens (the buffers' spare capacity is not counted)."""
+        n = self.length
+        if self._latent is None or n == 0:
+            return 0
+        b = self._latent.shape[0]
+        per = self._latent.shape[-1] * self._latent.element_size()
+        per += self._values.shape[1] * self._values.shape[-1] * self._values.element_size()
+        per += self._positions.element_size()
+        if self._keys is not None:
+            per += self._keys.shape[1] * self._keys.shape[-1] * self._keys.element_size()
+        return b * n * per
+
+    # --- the transformers cache-layer contract ---------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' latent keys, values and positions; return what attention needs now.
+
+        Prefill of an empty layer returns the given keys (dense prefill); a later prefill chunk returns every
+        key (rebuilt in compressed mode); a decode step returns a 0-length key placeholder in compressed mode,
+        since the SALS handler reads the latent itself (dense attention on it fails loudly).
+        """
+        self.is_initialized = True
+        kw = kwargs.get("kwargs") or {}
+        b, _, t, _ = key_states.shape
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = torch.arange(self.length, self.length + t, device=key_states.device)[None]
+        pos = pos[:, -t:].expand(b, t)
+        cos, sin = self.rope_table.at(pos, self.layer_idx, torch.float32)
+        k_pre = unrope(key_states.float(), cos[:, None], sin[:, None])  # (B, n_kv, T, d)
+        z = torch.einsum("bhtd,hdr->btr", k_pre, self.proj_f32)  # heads concatenated, projected jointly
+        before = self.length
+        self._grow(b, before + t, key_states, value_states)
+        self._latent[:, before:before + t] = z.to(self._latent.dtype)
+        self._values[:, :, before:before + t] = value_states
+        self._positions[:, before:before + t] = pos.to(torch.int32)
+        if self._keys is not None:
+            self._keys[:, :, before:before + t] = key_states
+        self.length = before + t
+        self.max_pos = max(self.max_pos, int(pos.max()))
+        if self.mode == "index":
+            return self.keys_view(), self.values_view()
+        if t == 1:
+            return key_states[:, :, :0], self.values_view()
+        if before == 0:
+            return key_states, value_states
+        return self.rebuild_keys().to(key_states.dtype), self.values_view()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("_latent", "_values", "_keys", "_positions"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def offload(self) -> None:  # CPU-resident; nothing to move
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+
+def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_table: Any, sparse: list[int]) -> None:
+    """Swap the sparse layers of a transformers cache for :class:`SALSLayer`, in place (idempotent).
+
+    Layers that already hold tokens (a shared dense prefill) are converted with positions 0..L-1, i.e. an
+    unpadded prompt; a padded batch must be prefilled inside the ``sparse_attention`` scope instead.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ConfigError(f"SALS needs a transformers Cache with per-layer storage, got {type(cache).__name__}")
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) < adapter.num_layers and replicate is not None:
+        layers.append(replicate())
+    width = adapter.num_kv_heads * adapter.head_dim
+    r, _ = cfg.ranks(width)
+    for i in sparse:
+        old = layers[i]
+        if isinstance(old, SALSLayer):
+            continue
+        if type(old) is not DynamicLayer:
+            raise ConfigError(f"SALS converts full-precision DynamicLayer caches; layer {i} is {type(old).__name__}. "
+                              "Run SALS with a plain DynamicCache (values quantization is not combined yet)")
+        dtype = adapter.embed_tokens.weight.dtype
+        new = SALSLayer(projections.proj(i, r, dtype), rope_table, i, cfg.mode)
+        if old.is_initialized and old.keys is not None and old.keys.numel():
+            length = old.keys.shape[-2]
+            pos = torch.arange(length, device=old.keys.device)[None]
+            new.update(old.keys, old.values, kwargs={"position_ids": pos})
+        layers[i] = new

@@ -1,0 +1,106 @@
+"""Fast SALS decode path vs its plain reference, on random inputs over shapes and dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compactlm.kernels.reference import masked_attention_reference, sals_decode_reference
+from compactlm.kernels.sparse_decode import (
+    SelectParams,
+    dense_grouped_decode,
+    rope,
+    sals_decode,
+    sparse_gather_decode,
+    unrope,
+)
+
+
+def _tables(n: int, d: int, dtype):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
+    ang = torch.arange(n).double()[:, None] * inv[None]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def _inputs(b, h, hkv, d, length, r, dtype, seed=0, padded=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, d, generator=g, dtype=torch.float64).to(dtype)
+    latent = torch.randn(b, length, r, generator=g, dtype=torch.float64).to(dtype)
+    values = torch.randn(b, hkv, length, d, generator=g, dtype=torch.float64).to(dtype)
+    proj = torch.linalg.qr(torch.randn(hkv * d, hkv * d, generator=g, dtype=torch.float64))[0][:, :r]
+    proj = proj.reshape(hkv, d, r).to(dtype).contiguous()
+    positions = torch.arange(length).expand(b, length).to(torch.int32).contiguous()
+    valid = None
+    if padded:
+        valid = torch.ones(b, length, dtype=torch.bool)
+        valid[0, :5] = False
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0).to(torch.int32)
+    cos_t, sin_t = _tables(length + 1, d, dtype)
+    qpos = positions[:, -1].long() + 1
+    return q, cos_t[qpos][:, None], sin_t[qpos][:, None], latent, values, positions, proj, cos_t, sin_t, valid
+
+
+def _err(a, b):
+    d = (a.double() - b.double()).abs()
+    return f"max {d.max().item():.3g} mean {d.mean().item():.3g}"
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 16, 97, 8), (2, 8, 2, 32, 300, 16), (1, 6, 3, 64, 257, 48)])
+@pytest.mark.parametrize("mode", ["compressed", "index"])
+@pytest.mark.parametrize("block", [1, 8])
+def test_fast_matches_reference_float64(shape, mode, block):
+    b, h, hkv, d, length, r = shape
+    q, qc, qs, latent, values, pos, proj, ct, st, _ = _inputs(b, h, hkv, d, length, r, torch.float64)
+    keys = None
+    if mode == "index":
+        keys = torch.randn(b, hkv, length, d, dtype=torch.float64)
+    p = SelectParams(k=length // 8, sink=4, recent=8, block=block)
+    out, idx = sals_decode(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, keys=keys)
+    ref, ridx = sals_decode_reference(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, keys=keys)
+    assert torch.equal(idx.sort(-1).values, ridx.sort(-1).values)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10), _err(out, ref)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("pool", ["max", "mean", "softmax"])
+def test_fast_matches_reference_low_precision(dtype, atol, pool):
+    q, qc, qs, latent, values, pos, proj, ct, st, valid = _inputs(2, 8, 2, 32, 200, 16, dtype, seed=1, padded=True)
+    p = SelectParams(k=25, sink=4, recent=8, pool=pool)
+    out, idx = sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, p, 32 ** -0.5, valid=valid)
+    # Same selection as the reference when it is given the same chosen set (ties may flip in low precision).
+    keep = torch.zeros(2, 2, 200, dtype=torch.bool).scatter_(2, idx, True) & valid[:, None]
+    keys = torch.einsum("blr,hdr->bhld", latent.double(), proj.double())
+    keys = rope(keys, ct[pos.long()][:, None].double(), st[pos.long()][:, None].double())
+    ref = masked_attention_reference(q.double(), keys, values.double(), keep, 32 ** -0.5)
+    assert torch.allclose(out.double(), ref, atol=atol), _err(out, ref)
+    _, ridx = sals_decode_reference(q, qc, qs, latent, values, pos, proj, 8, ct, st, p, 32 ** -0.5, valid=valid)
+    same = (torch.zeros_like(keep).scatter_(2, ridx, True) & keep).sum() / keep.sum()
+    assert same > 0.95
+
+
+def test_selection_respects_padding_and_forced_tokens():
+    q, qc, qs, latent, values, pos, proj, ct, st, valid = _inputs(2, 4, 2, 16, 120, 8, torch.float64, padded=True)
+    p = SelectParams(k=10, sink=3, recent=5)
+    _, idx = sals_decode(q, qc, qs, latent, values, pos, proj, 4, ct, st, p, 0.25, valid=valid)
+    assert idx.shape == (2, 2, 18)
+    for b in range(2):
+        chosen = set(idx[b, 0].tolist())
+        first_real = 5 if b == 0 else 0
+        assert set(range(first_real, first_real + 3)) <= chosen  # sinks are the first *real* tokens
+        assert set(range(115, 120)) <= chosen
+        assert not (chosen & set(range(first_real)))  # no padding chosen while real tokens remain
+
+
+def test_rope_roundtrip_and_dense_baselines():
+    x = torch.randn(2, 3, 7, 16, dtype=torch.float64)
+    ct, st = _tables(7, 16, torch.float64)
+    assert torch.allclose(unrope(rope(x, ct, st), ct, st), x, atol=1e-12)
+    q = torch.randn(1, 8, 1, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, 50, 16, dtype=torch.float64)
+    v = torch.randn(1, 2, 50, 16, dtype=torch.float64)
+    ref = masked_attention_reference(q, k, v, torch.ones(1, 2, 50, dtype=torch.bool), 0.25)
+    dense = dense_grouped_decode(q, k, v, 0.25).transpose(1, 2)
+    assert torch.allclose(dense, ref, atol=1e-12)
+    idx = torch.arange(50).view(1, 1, 50).expand(1, 2, 50)
+    assert torch.allclose(sparse_gather_decode(q, k, v, idx, 0.25), ref, atol=1e-12)
