@@ -8,11 +8,15 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import random
+import tempfile
 
 import torch
 
 from ..errors import DataError
+from ..models.loading import cache_dir
 from .texts import load_text
 
 
@@ -25,11 +29,33 @@ def adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenize_cached(tokenizer, source: str) -> torch.Tensor:
     text = load_text(source)
+    # Tokenizing the 3 MB wiki text takes ~10 s: keep the ids on disk, keyed by text and tokenizer.
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    path = None
+    if fingerprint is not None:
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        path = cache_dir() / "tokens" / f"{key}-{fingerprint}.pt"
+        if path.is_file():
+            return torch.load(path).long()
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    out = torch.tensor(ids, dtype=torch.long)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        torch.save(out.to(torch.int32), tmp)
+        os.replace(tmp, path)
+    return out
 
 
 def tokenize_source(tokenizer, source: str) -> torch.Tensor:

@@ -41,6 +41,16 @@ def wiki_text() -> str:
     path = Path(gensim.__file__).parent / "test" / "test_data" / WIKI_FILE
     if not path.is_file():
         raise DataError(f"gensim is installed but its test data {path} is missing; install gensim==4.4.0")
+    # Parsing the dump takes ~10 s; keep the cleaned text, keyed by gensim's version and the dump's size.
+    cached = cache_dir() / "data" / f"wiki-gensim-{gensim.__version__}-{path.stat().st_size}.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    text = _clean_wiki(path, extract_pages, filter_wiki)
+    _write_text_atomic(cached, text)
+    return text
+
+
+def _clean_wiki(path: Path, extract_pages, filter_wiki) -> str:
     articles = []
     with bz2.open(path, "rb") as fh:
         for _title, text, _pageid in extract_pages(fh):
@@ -50,6 +60,16 @@ def wiki_text() -> str:
             if cleaned:
                 articles.append(cleaned)
     return "\n\n".join(articles)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def essay_files() -> list[Path]:

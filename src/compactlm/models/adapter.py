@@ -33,6 +33,7 @@ class Family:
     up: str = "up_proj"
     down: str = "down_proj"
     k_norm: str | None = None  # applied to keys before RoPE (Qwen3, Gemma 3)
+    k_norm_heads_first: bool = False  # k_norm sees (B, H_kv, T, D) (Gemma 3) rather than (B, T, H_kv, D) (Qwen3)
     moe: bool = False
     shared_expert: str | None = None  # an always-on dense expert beside the routed ones (Qwen2-MoE)
     rotary_takes_layer_type: bool = False  # Gemma 3: local and global RoPE per layer type
@@ -43,7 +44,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral"),
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3", k_norm="k_norm"),
-    "gemma3_text": Family("gemma3_text", k_norm="k_norm", rotary_takes_layer_type=True),
+    "gemma3_text": Family("gemma3_text", k_norm="k_norm", k_norm_heads_first=True, rotary_takes_layer_type=True),
     "mixtral": Family("mixtral", moe=True),
     "qwen2_moe": Family("qwen2_moe", moe=True, shared_expert="shared_expert"),
     "qwen3_moe": Family("qwen3_moe", k_norm="k_norm", moe=True),
@@ -199,6 +200,13 @@ class Adapter:
         """The module whose output is the pre-RoPE keys (k_norm where the family has one)."""
         attn = self.attention(i)
         return getattr(attn, self.family.k_norm) if self.family.k_norm else getattr(attn, self.family.k)
+
+    def pre_rope_keys(self, i: int, output: torch.Tensor) -> torch.Tensor:
+        """Reshape the output of :meth:`key_pre_rope_module` to (B, H_kv, T, D), whatever the family's layout."""
+        if output.dim() == 3:  # k_proj output (B, T, H_kv * D)
+            b, t, _ = output.shape
+            return output.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return output if self.family.k_norm_heads_first else output.transpose(1, 2)
 
     def _unfused_experts(self, i: int) -> UnfusedExperts:
         mlp = self.mlp(i)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..utils import atomic_directory, parse_dtype
@@ -80,13 +81,21 @@ def _convert_gguf_to_folder(gguf: Path, target: Path) -> None:
         (tmp / "compactlm_source.json").write_text(json.dumps({"gguf": str(gguf), "dequantized_from": "Q4_1"}))
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a checkpoint folder ships tokenizer files (a weights-only folder loads with tokenizer None)."""
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def load(
     spec: str | os.PathLike[str],
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any]:
-    """Load ``spec`` (see module docstring) and return ``(model, tokenizer)``; tiny models have no tokenizer."""
+    """Load ``spec`` (see module docstring) and return ``(model, tokenizer)``.
+
+    Tiny test models, and folders without tokenizer files, come with ``tokenizer=None``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .adapter import get_adapter
@@ -129,7 +138,7 @@ def load(
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{path} is a folder without config.json; it is not a model checkpoint")
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer(path) else None
     except ModelLoadError:
         raise
     except OSError as exc:
@@ -138,8 +147,9 @@ def load(
                 f"could not load {spec_str!r} from the Hugging Face hub (offline, or not a model id?): {exc}"
             ) from exc
         raise ModelLoadError(f"could not load {spec_str!r}: the checkpoint is unreadable or corrupt ({exc})") from exc
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"could not load {spec_str!r}: {type(exc).__name__}: {exc}") from exc
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(f"could not load {spec_str!r} (corrupt or incompatible checkpoint?): "
+                             f"{type(exc).__name__}: {exc}") from exc
 
     try:
         get_adapter(model)

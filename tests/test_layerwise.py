@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from compactlm import layerwise
+from compactlm.errors import CalibrationError, DataError
+from compactlm.models import TINY_FAMILIES, get_adapter, tiny_model
+
+
+class Recorder:
+    """A do-nothing calibrated method that records what the driver shows it."""
+
+    true_sequential = True
+    needs_reference_outputs = True
+
+    def __init__(self):
+        self.solved, self.refined = [], []
+
+    def new_stats(self, name, module):
+        return {"rows": 0}
+
+    def add_batch(self, stats, name, module, inp, out):
+        stats["rows"] += inp.reshape(-1, inp.shape[-1]).shape[0]
+
+    def solve(self, name, module, stats, ctx):
+        self.solved.append((ctx.index, name, stats["rows"]))
+        return {"rows": stats["rows"]}
+
+    def refine_layer(self, ctx, targets, reference_outputs):
+        self.refined.append((ctx.index, len(reference_outputs)))
+        return {"refined": True}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_driver_reproduces_the_models_layer_outputs(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    calib = torch.randint(3, 256, (5, 40))  # 40 > Gemma 3's sliding window of 32
+    seen = {}
+    h = adapter.layers[-1].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("y", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    h.remove()
+    method = Recorder()
+    report = layerwise.run(model, calib, method, batch_size=2)
+    assert [r[0] for r in method.refined] == list(range(adapter.num_layers))
+    assert all(n == 3 for _, n in method.refined)  # 5 samples in batches of 2
+    dense_linears = 7 * adapter.num_layers
+    if family in ("llama", "qwen2", "mistral", "qwen3", "gemma3"):
+        assert len(report.records) == dense_linears
+        assert all(rows == 5 * 40 for _, _, rows in method.solved)
+    # re-run the captured inputs through every layer: equals the model's own last-layer output
+    inputs, kwargs = layerwise.capture_inputs(model, adapter, calib, 2, torch.device("cpu"))
+    for i in range(adapter.num_layers):
+        ctx = layerwise.LayerContext(i, adapter.layers[i], adapter.layer_prefix(i), adapter, inputs, kwargs[i],
+                                     torch.device("cpu"))
+        inputs = ctx.forward_all()
+    torch.testing.assert_close(torch.cat(inputs), seen["y"], atol=1e-5, rtol=1e-5)
+
+
+def test_filter_fn_limits_the_solved_linears():
+    model = tiny_model("llama")
+    method = Recorder()
+    layerwise.run(model, torch.randint(3, 256, (2, 8)), method, filter_fn=lambda name, m: name.endswith("down_proj"))
+    assert [n for _, n, _ in method.solved] == ["mlp.down_proj", "mlp.down_proj"]
+
+
+def test_nan_in_calibration_names_the_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5, 0] = float("nan")
+    with pytest.raises(CalibrationError, match=r"entering layer 0 \(model.layers.0\)"):
+        layerwise.run(model, torch.full((2, 8), 5), Recorder())
+
+
+def test_non_finite_weight_after_a_solve_names_the_linear():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match=r"weight of model.layers.0.mlp.down_proj"):
+        layerwise.run(model, torch.randint(3, 256, (2, 8)), Recorder())
+
+
+def test_missing_or_bad_calibration_data():
+    model = tiny_model("llama")
+    with pytest.raises(DataError, match="needs calibration data"):
+        layerwise.run(model, None, Recorder())
+    with pytest.raises(DataError, match=r"\(N, T\)"):
+        layerwise.run(model, torch.randint(3, 256, (8,)), Recorder())
