@@ -13,7 +13,9 @@ from . import config, data, evaluation, models
 from .api import compress
 from .config import BaseConfig, PerLayer
 from .errors import CompactLMError
+from .kv import KVQuant, kv_cache
 
 __version__ = "0.1.0"
 
 __all__ = ["compress", "BaseConfig", "PerLayer", "CompactLMError", "config", "data", "evaluation", "models"]
+__all__ += ["KVQuant", "kv_cache"]

@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "compactlm.cli.info",
     "compactlm.cli.eval_ppl",
     "compactlm.cli.demo",
+    "compactlm.cli.generate",
+    "compactlm.cli.eval_long",
 ]
 
 

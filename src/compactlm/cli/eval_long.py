@@ -1,0 +1,93 @@
+"""``compactlm eval ruler`` and ``compactlm eval ppl-decode``: long-context quality, full precision beside.
+
+``--kv int4,int2`` and ``--attn NAME[,NAME]`` pick runtime methods (registered with
+``compactlm.evaluation.methods.register_method``); every run also scores full attention with a
+full-precision cache, in the same process, so the JSON always carries the reference figure.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from .common import add_common, emit_json, print_table
+
+
+def _add_methods(p) -> None:
+    p.add_argument("--kv", default=None, metavar="NAME[,NAME]",
+                   help="KV-cache method(s): int2, int4, int8 (KIVI-style quantized cache), or full")
+    p.add_argument("--attn", default=None, metavar="NAME[,NAME]",
+                   help="runtime attention method(s) registered as attn:<name> (e.g. a sparse decode method)")
+
+
+def register(groups) -> None:
+    p = groups["eval"].add_parser("ruler", help="RULER-syn long-context accuracy (RULER-syn-q by default)",
+                                  description="RULER-syn (PROTOCOL.md): 8 seeded synthetic tasks, chat template, "
+                                              "greedy ≤32 new tokens, string_match_all. Defaults give RULER-syn-q.")
+    add_common(p)
+    _add_methods(p)
+    p.add_argument("--lengths", default="2k,4k", help="context lengths, e.g. 2k,4k (RULER-syn: 2k,4k,8k)")
+    p.add_argument("--samples", type=int, default=5, help="samples per task and length (RULER-syn: 20; -q: 5)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the 8 tasks (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (protocol: 32)")
+    p.set_defaults(func=run_ruler_cmd)
+
+    q = groups["eval"].add_parser("ppl-decode", help="PPL-decode: perplexity through the decode path",
+                                  description="PPL-decode (PROTOCOL.md): 4,096-token wiki windows, prefill 3,840, "
+                                              "then 256 tokens teacher-forced one at a time.")
+    add_common(q)
+    _add_methods(q)
+    q.add_argument("--windows", type=int, default=5, help="windows (PPL-decode: 20; -q: 5, the default)")
+    q.add_argument("--window-len", type=int, default=4096, help="window length in tokens (protocol: 4096)")
+    q.add_argument("--decoded", type=int, default=256, help="tokens fed one at a time and scored (protocol: 256)")
+    q.set_defaults(func=run_ppl_decode_cmd)
+
+
+def _load(args):
+    from ..errors import DataError
+    from ..models import load
+
+    model, tok = load(args.model, dtype=args.dtype)
+    if tok is None:
+        raise DataError(f"{args.model} has no tokenizer; long-context evaluation needs one")
+    return model, tok
+
+
+def run_ruler_cmd(args) -> int:
+    from ..evaluation.generate import resolve_methods
+    from ..evaluation.ruler import TASKS, check_tasks, parse_lengths, run_ruler
+    from ..utils import machine_info
+
+    lengths = parse_lengths(args.lengths)
+    tasks = check_tasks(args.tasks.split(",")) if args.tasks else TASKS
+    model, tok = _load(args)
+    methods = resolve_methods(model, args.kv, args.attn)
+    result = run_ruler(model, tok, methods, lengths=lengths, samples=args.samples, tasks=tasks, seed=args.seed,
+                       max_new_tokens=args.max_new_tokens)
+    rows = [{"method": n, "score": r["score"], **{f"{k}": v["score"] for k, v in r["by_length"].items()},
+             **r["tasks"]} for n, r in result.methods.items()]
+    print(f"{result.protocol}: {args.model} {args.dtype}, {result.seconds:.0f} s")
+    print_table(rows)
+    emit_json(args.json, {"model": args.model, "dtype": args.dtype, **result.to_dict(),
+                          "command": "compactlm " + shlex.join(sys.argv[1:]), "machine": machine_info(args.dtype)})
+    return 0
+
+
+def run_ppl_decode_cmd(args) -> int:
+    from ..evaluation.generate import resolve_methods
+    from ..evaluation.ppl_decode import run_ppl_decode
+    from ..utils import machine_info
+
+    model, tok = _load(args)
+    methods = resolve_methods(model, args.kv, args.attn)
+    result = run_ppl_decode(model, tok, methods, windows=args.windows, window_len=args.window_len,
+                            decoded=args.decoded)
+    full = result.methods["full"]["ppl"]
+    rows = [{"method": n, "ppl": r["ppl"], "vs_full": r["ppl"] / full, "decode_tok_per_s": r["decode_tok_per_s"]}
+            for n, r in result.methods.items()]
+    print(f"{result.protocol}: {args.model} {args.dtype}, {result.seconds:.0f} s")
+    print_table(rows)
+    emit_json(args.json, {"model": args.model, "dtype": args.dtype, **result.to_dict(),
+                          "command": "compactlm " + shlex.join(sys.argv[1:]), "machine": machine_info(args.dtype)})
+    return 0

@@ -1,0 +1,78 @@
+"""``KVQuant``: the configuration of the quantized KV cache (data only; validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import BaseConfig
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class KVQuant(BaseConfig):
+    """KIVI-style KV-cache quantization: keys per channel, values per token, full-precision recent window.
+
+    Based on KIVI (Liu et al., arXiv 2402.02750), §3; ``sinks`` and ``pre_rope`` follow KVQuant
+    (Hooper et al., arXiv 2401.18079), §3.5 and §3.2.
+
+    Fields:
+        bits: 2, 4 or 8 bits per key/value element.
+        group_size: tokens per key group (per channel) and, unless ``value_group_size`` is set,
+            channels per value group (per token). KIVI uses 32.
+        residual: tokens kept in full precision at the end (KIVI's R; default 128). The window is
+            flushed ``group_size`` tokens at a time, so it holds ``residual`` to ``residual + group_size - 1``.
+        sinks: first tokens kept in full precision for good (0 = off).
+        pre_rope: quantize keys before RoPE (un-rotated at their positions, re-rotated when read).
+        value_group_size: channels per value group (None: ``group_size``, capped at the head dim).
+        meta_dtype: dtype of the stored scales and zeros: fp16 (default), bf16 or fp32.
+        fused_attention: decode attention reads the quantized store chunk by chunk (no full
+            dequantized copy); False returns dequantized keys/values to the model's own attention.
+        chunk_tokens: tokens dequantized at a time by the fused attention (a multiple of group_size).
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+    sinks: int = 0
+    pre_rope: bool = False
+    value_group_size: int | None = None
+    meta_dtype: str = "fp16"
+    fused_attention: bool = True
+    chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ConfigError(f"KVQuant.bits must be 2, 4 or 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"KVQuant.group_size must be a positive integer (KIVI uses 32), got {self.group_size!r}")
+        if self.value_group_size is not None and (not isinstance(self.value_group_size, int)
+                                                  or self.value_group_size < 1):
+            raise ConfigError(f"KVQuant.value_group_size must be a positive integer or None, got "
+                              f"{self.value_group_size!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise ConfigError(f"KVQuant.residual must be an integer ≥ 0 (KIVI uses 128), got {self.residual!r}")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ConfigError(f"KVQuant.sinks must be an integer ≥ 0, got {self.sinks!r}")
+        if self.meta_dtype not in ("fp16", "bf16", "fp32"):
+            raise ConfigError(f"KVQuant.meta_dtype must be fp16, bf16 or fp32, got {self.meta_dtype!r}")
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < self.group_size \
+                or self.chunk_tokens % self.group_size:
+            raise ConfigError(f"KVQuant.chunk_tokens must be a positive multiple of group_size ({self.group_size}), "
+                              f"got {self.chunk_tokens!r}")
+
+    @property
+    def value_group(self) -> int:
+        return self.value_group_size or self.group_size
+
+    def check_model(self, head_dim: int) -> None:
+        """Raise ConfigError when the value groups or the bit packing do not fit ``head_dim``."""
+        if head_dim % self.value_group:
+            raise ConfigError(f"value groups of {self.value_group} channels do not divide this model's head dim "
+                              f"{head_dim}; set KVQuant(value_group_size=...) to a divisor of {head_dim}")
+        if (head_dim * self.bits) % 8:
+            raise ConfigError(f"head dim {head_dim} × {self.bits} bits does not pack into whole bytes")
+
+    @property
+    def label(self) -> str:
+        extra = (f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "")
+        return f"int{self.bits}-g{self.group_size}-r{self.residual}{extra}"

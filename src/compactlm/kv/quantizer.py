@@ -1,0 +1,144 @@
+"""Group-wise asymmetric min-max quantization of KV tensors, as pure tensor functions.
+
+Based on KIVI (Liu et al., arXiv 2402.02750), §3.2-3.3: keys are quantized *per channel* (each
+channel's min/max taken over a group of ``group_size`` consecutive tokens, because key outliers sit
+in fixed channels) and values *per token* (min/max over a group of ``group_size`` channels of one
+token). Codes are ``round((x - zero) / scale)`` in ``[0, 2^bits - 1]`` with ``zero = min`` and
+``scale = (max - min) / (2^bits - 1)``; they are packed ``8 / bits`` to a byte along the last dim.
+
+Tensors are (B, H, T, D). ``dim=-2`` groups along tokens (keys), ``dim=-1`` along channels (values).
+The scale and zero are rounded to ``meta_dtype`` *before* the codes are computed, so the stored
+metadata is exactly what the codes were fitted to. Other methods import these (SALS quantizes values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VALID_BITS = (2, 4, 8)
+
+
+def _check(bits: int, group_size: int, x: torch.Tensor, dim: int) -> None:
+    if bits not in VALID_BITS:
+        raise ValueError(f"bits must be one of {VALID_BITS}, got {bits}")
+    if x.dim() != 4 or dim not in (-1, -2):
+        raise ValueError(f"expected a (B, H, T, D) tensor and dim -1 or -2, got shape {tuple(x.shape)}, dim {dim}")
+    if x.shape[dim] % group_size:
+        axis = "tokens" if dim == -2 else "channels"
+        raise ValueError(f"{x.shape[dim]} {axis} is not a multiple of group_size {group_size}")
+    if (x.shape[-1] * bits) % 8:
+        raise ValueError(f"head dim {x.shape[-1]} × {bits} bits does not fill whole bytes")
+
+
+def _grouped(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    b, h, t, d = x.shape
+    if dim == -2:
+        return x.reshape(b, h, t // group_size, group_size, d)  # (B, H, T/G, G, D): reduce dim -2
+    return x.reshape(b, h, t, d // group_size, group_size)  # (B, H, T, D/G, G): reduce dim -1
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int, meta_dtype: torch.dtype = torch.float16,
+                    valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max codes of ``x`` (B, H, T, D) in groups along ``dim``.
+
+    Returns ``(codes uint8 (B, H, T, D), scale, zero)`` with scale/zero (B, H, T/G, D) for ``dim=-2``
+    and (B, H, T, D/G) for ``dim=-1``, in ``meta_dtype``. ``valid`` (B, T) bool excludes padded tokens
+    from the min/max of token groups (their codes are still produced, and never attended to).
+    """
+    _check(bits, group_size, x, dim)
+    qmax = 2 ** bits - 1
+    xf = x.float()
+    g = _grouped(xf, group_size, dim)
+    if valid is not None and dim == -2:
+        v = valid[:, None, :, None].to(torch.bool).expand_as(xf)  # (B, H, T, D)
+        vg = _grouped(v, group_size, dim)
+        mn = torch.where(vg, g, torch.inf).amin(dim)
+        mx = torch.where(vg, g, -torch.inf).amax(dim)
+        empty = ~vg.any(dim)
+        mn = torch.where(empty, 0.0, mn)
+        mx = torch.where(empty, 0.0, mx)
+    else:
+        mn, mx = g.amin(dim), g.amax(dim)
+    scale = ((mx - mn) / qmax).to(meta_dtype)
+    zero = mn.to(meta_dtype)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # constant groups: any scale reproduces them exactly
+    codes = ((g - zero.float().unsqueeze(dim)) / s.unsqueeze(dim)).round_().clamp_(0, qmax)
+    return codes.to(torch.uint8).reshape(x.shape), scale, zero
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dim: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups`: ``codes · scale + zero`` in ``dtype`` (B, H, T, D)."""
+    g = _grouped(codes.to(dtype), group_size, dim)
+    s = scale.to(dtype)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (g * s.unsqueeze(dim) + zero.to(dtype).unsqueeze(dim)).reshape(codes.shape)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``8 / bits`` per byte along the last dim: (..., D) -> (..., D·bits/8)."""
+    if bits == 8:
+        return codes.contiguous()
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.int32)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: (..., D·bits/8) uint8 -> (..., D) uint8."""
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+    out = (packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+@dataclass
+class QuantizedKV:
+    """One quantized tensor (B, H, T, D): packed codes plus per-group scale and zero; appendable along T."""
+
+    packed: torch.Tensor  # uint8 (B, H, T, D·bits/8)
+    scale: torch.Tensor  # (B, H, T/G, D) for keys (dim=-2), (B, H, T, D/G) for values (dim=-1)
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    dim: int
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, bits: int, group_size: int, dim: int,
+                 meta_dtype: torch.dtype = torch.float16, valid: torch.Tensor | None = None) -> QuantizedKV:
+        codes, scale, zero = quantize_groups(x, bits, group_size, dim, meta_dtype, valid)
+        return cls(pack_codes(codes, bits), scale, zero, bits, group_size, dim)
+
+    @property
+    def length(self) -> int:
+        return self.packed.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+    def _meta_rows(self, start: int, end: int) -> slice:
+        g = self.group_size if self.dim == -2 else 1
+        return slice(start // g, end // g)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Tokens ``[start, end)`` dequantized to ``dtype`` (token-grouped tensors: bounds on group edges)."""
+        end = self.length if end is None else end
+        rows = self._meta_rows(start, end)
+        codes = unpack_codes(self.packed[..., start:end, :], self.bits)
+        return dequantize_groups(codes, self.scale[..., rows, :], self.zero[..., rows, :], self.group_size,
+                                 self.dim, dtype)
+
+    def append(self, other: QuantizedKV) -> QuantizedKV:
+        return QuantizedKV(torch.cat([self.packed, other.packed], -2), torch.cat([self.scale, other.scale], -2),
+                           torch.cat([self.zero, other.zero], -2), self.bits, self.group_size, self.dim)
+
+    def map_batch(self, fn) -> QuantizedKV:
+        """Apply ``fn`` to the batch dim of every held tensor (beam reorder, batch select, repeat)."""
+        return QuantizedKV(fn(self.packed), fn(self.scale), fn(self.zero), self.bits, self.group_size, self.dim)

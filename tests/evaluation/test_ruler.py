@@ -1,0 +1,124 @@
+"""RULER-syn: generator determinism and lengths, scoring, and the runner on a tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from compactlm.errors import ConfigError, DataError
+from compactlm.evaluation.methods import FULL, RuntimeMethod
+from compactlm.evaluation.ruler import (
+    TASKS,
+    RulerGenerator,
+    parse_lengths,
+    protocol_name,
+    run_ruler,
+    string_match_all,
+)
+from compactlm.models import tiny_model
+
+
+class ByteTokenizer:
+    """Byte-level ids in [3, 253): fits the tiny models' 256-token vocabulary; no chat template."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+    unk_token_id = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
+        return {"input_ids": [3 + (b % 250) for b in text.encode("utf-8")]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+def test_string_match_all():
+    assert string_match_all("The numbers are 123 and 456.", ("123", "456")) == 1.0
+    assert string_match_all("only 123", ("123", "456")) == 0.5
+    assert string_match_all("ABC", ("abc",)) == 1.0
+    with pytest.raises(DataError):
+        string_match_all("x", ())
+
+
+def test_parse_lengths():
+    assert parse_lengths("2k,4k") == [2048, 4096]
+    assert parse_lengths("1000, 8k") == [1000, 8192]
+    for bad in ("", "2q", "12"):
+        with pytest.raises(ConfigError, match="lengths"):
+            parse_lengths(bad)
+
+
+def test_generator_is_seeded_and_places_answers():
+    tok = ByteTokenizer()
+    gen = RulerGenerator(tok, seed=0)
+    for task in TASKS:
+        a = gen.sample(task, 1024, 1, 3)
+        b = RulerGenerator(tok, seed=0).sample(task, 1024, 1, 3)
+        c = RulerGenerator(tok, seed=1).sample(task, 1024, 1, 3)
+        assert a == b, task
+        assert a.input_ids != c.input_ids, task
+        assert abs(len(a.input_ids) - 1024) <= 0.03 * 1024, (task, len(a.input_ids))
+        text = tok.decode(list(a.input_ids))
+        for answer in a.answers:
+            assert answer in text, (task, answer)
+    assert [gen.sample("passkey", 1024, i, 3).depth for i in range(3)] == [0.0, 0.5, 1.0]
+
+
+def test_needle_depth_moves_the_needle():
+    tok = ByteTokenizer()
+    gen = RulerGenerator(tok)
+    positions = []
+    for i in range(3):
+        s = gen.sample("niah_essay", 2048, i, 3)
+        positions.append(tok.decode(list(s.input_ids)).find(s.answers[0]))
+    assert positions[0] < positions[1] < positions[2]
+
+
+def test_generator_rejects_bad_input():
+    with pytest.raises(DataError, match="tokenizer"):
+        RulerGenerator(None)
+    gen = RulerGenerator(ByteTokenizer())
+    with pytest.raises(ConfigError, match="task"):
+        gen.sample("nope", 1024, 0, 1)
+    with pytest.raises(ConfigError, match="too short"):
+        gen.sample("niah_single", 300, 0, 1)
+
+
+def test_run_ruler_scores_every_method_beside_full():
+    model = tiny_model("llama", max_position_embeddings=2048)
+    calls = []
+
+    @contextlib.contextmanager
+    def attach(m):
+        calls.append("attach")
+        yield m
+
+    copy = RuntimeMethod("copy", attach=attach, make_cache=FULL.make_cache)
+    res = run_ruler(model, ByteTokenizer(), [copy], lengths=[512], samples=2, tasks=("passkey", "vt"),
+                    max_new_tokens=4)
+    assert list(res.methods) == ["full", "copy"]
+    assert len(res.records) == 2 * 2 * 2 and calls.count("attach") == 4
+    # Same prefill, same decode path: identical outputs.
+    full = [r["output"] for r in res.records if r["method"] == "full"]
+    assert full == [r["output"] for r in res.records if r["method"] == "copy"]
+    assert set(res.methods["full"]["tasks"]) == {"passkey", "vt"}
+    assert 0.0 <= res.methods["full"]["score"] <= 100.0
+    assert protocol_name([2048, 4096], 5, TASKS) == "RULER-syn-q"
+    with pytest.raises(ConfigError, match="context"):
+        run_ruler(model, ByteTokenizer(), lengths=[4096], samples=1)
+
+
+@pytest.mark.default_model
+def test_default_tokenizer_lengths_and_chat_template(default_model):
+    _, tok = default_model
+    gen = RulerGenerator(tok)
+    for task in TASKS:
+        s = gen.sample(task, 2048, 0, 5)
+        assert abs(len(s.input_ids) - 2048) <= 0.05 * 2048, (task, len(s.input_ids))
+        text = tok.decode(list(s.input_ids))
+        assert text.startswith("<|im_start|>") and "<|im_start|>assistant" in text

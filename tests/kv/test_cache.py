@@ -1,0 +1,207 @@
+"""The quantized KV cache on tiny in-process models: window bookkeeping, accuracy, fused attention vs
+reference, pre-RoPE keys, padding, memory accounting, generate, the kv:intN methods and the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compactlm
+from compactlm.config import BaseConfig
+from compactlm.errors import ConfigError
+from compactlm.evaluation.methods import build_method
+from compactlm.evaluation.ppl_decode import run_ppl_decode
+from compactlm.kv import (
+    KVQuant,
+    QuantizedKVCache,
+    QuantizedKVLayer,
+    full_cache_bytes,
+    kv_cache,
+    quantized_decode_attention,
+    reference_attention,
+)
+from compactlm.models import tiny_model
+
+
+def _ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, ids, cache, prefix):
+    """Prefill ``prefix`` tokens into ``cache``, then feed the rest one by one; all logits (B, T, V)."""
+    with torch.no_grad():
+        outs = [model(ids[:, :prefix], cache=cache).logits]
+        for t in range(prefix, ids.size(1)):
+            outs.append(model(ids[:, t: t + 1], cache=cache).logits)
+    return torch.cat(outs, 1)
+
+
+def test_window_keeps_residual_to_residual_plus_group():
+    cfg = KVQuant(bits=4, group_size=8, residual=16, sinks=3)
+    layer = QuantizedKVLayer(cfg)
+    k = torch.randn(1, 2, 1, 16)
+    for n in range(1, 120):
+        layer.update(k, k)
+        window = layer.keys.shape[-2]
+        assert layer.get_seq_length() == n
+        assert layer.sink_k.shape[-2] == min(3, n)
+        assert layer.quantized_length % 8 == 0
+        assert layer.sink_k.shape[-2] + layer.quantized_length + window == n
+        if n >= 3 + 16 + 8:
+            assert 16 <= window < 16 + 8
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+def test_int8_cache_tracks_the_full_model(family):
+    model = tiny_model(family)
+    ids = _ids(1, 48)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = _run(model, ids, QuantizedKVCache(model, KVQuant(bits=8, group_size=8, residual=8)), 24)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_fewer_bits_more_error():
+    model = tiny_model("llama")
+    ids = _ids(1, 64)
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = [(_run(model, ids, QuantizedKVCache(model, KVQuant(bits=b, group_size=8, residual=0)), 8) - ref)
+            .abs().mean().item() for b in (8, 4, 2)]
+    assert errs[0] < errs[1] < errs[2], errs
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_decode_attention_matches_reference(pre_rope, masked):
+    """Chunked dequantization + online softmax == dequantize everything + plain softmax."""
+    model = tiny_model("llama")
+    cfg = KVQuant(bits=2, group_size=8, residual=8, sinks=2, pre_rope=pre_rope, chunk_tokens=16)
+    cache = QuantizedKVCache(model, cfg)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(1)
+    layer.update(torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g))
+    assert layer.quantized_length == 56
+    query = torch.randn(2, 4, 1, 16, generator=g)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+        mask[0, ..., :5] = False  # left padding of row 0
+    k, v = layer.materialize()
+    ref = reference_attention(query, k, v, 0.25, mask)
+    got = quantized_decode_attention(query, layer, 0.25, mask)
+    assert got.shape == (2, 1, 4, 16)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+
+
+def test_pre_rope_keys_round_trip_through_rotation():
+    model = tiny_model("llama")
+    cache = QuantizedKVCache(model, KVQuant(bits=8, group_size=8, residual=0, pre_rope=True))
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 32, 16)
+    layer.update(k, k)
+    keys, _ = layer.materialize()
+    assert (keys - k).abs().max() < 0.05
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = _run(model, ids, QuantizedKVCache(model, KVQuant(bits=8, group_size=8, residual=0, pre_rope=True)), 20)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_kv_cache_scope_fused_equals_dequantized_path_and_restores():
+    model = tiny_model("llama")
+    ids = _ids(1, 40)
+    cfg = KVQuant(bits=2, group_size=8, residual=8)
+    plain = _run(model, ids, QuantizedKVCache(model, cfg), 16)
+    impl = model.config._attn_implementation
+    with kv_cache(model, cfg) as session:
+        fused = _run(model, ids, QuantizedKVCache(model, cfg), 16)
+        assert session.cache.layers[0].fused_pending
+    assert model.config._attn_implementation == impl
+    assert torch.allclose(fused, plain, atol=1e-5), (fused - plain).abs().max()
+
+
+def test_kv_cache_scope_converts_a_plain_forward_and_generate():
+    model = tiny_model("llama")
+    ids = _ids(1, 30)
+    cfg = KVQuant(bits=4, group_size=8, residual=8)
+    with kv_cache(model, cfg) as session, torch.no_grad():
+        out = model(ids, use_cache=True)
+        assert isinstance(out.cache, QuantizedKVCache) and out.cache is session.cache
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert isinstance(session.cache, QuantizedKVCache) and session.cache.get_seq_length() == 30 + 5
+    explicit = model.generate(ids, max_new_tokens=6, do_sample=False,
+                              past_key_values=QuantizedKVCache(model, cfg))
+    assert torch.equal(gen, explicit)
+
+
+def test_left_padded_batch_matches_rows_alone():
+    model = tiny_model("llama")
+    cfg = KVQuant(bits=8, group_size=4, residual=4)
+    a, b = _ids(1, 20, 1), _ids(1, 14, 2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    with kv_cache(model, cfg), torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        alone = model.generate(b, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                               return_dict_in_generate=True)
+    batched_logits = torch.stack([lg[1] for lg in out.logits])
+    alone_logits = torch.stack([lg[0] for lg in alone.logits])
+    assert (batched_logits - alone_logits).abs().max() < 0.05 * alone_logits.abs().max()
+
+
+def test_memory_accounting_counts_every_tensor():
+    model = tiny_model("llama")
+    ids = _ids(1, 64)
+    q = QuantizedKVCache(model, KVQuant(bits=2, group_size=16, residual=16))
+    _run(model, ids, q, 64)
+    layer = q.layers[0]
+    assert layer.quantized_length == 48 and layer.keys.shape[-2] == 16
+    # per layer: codes 2×(2 heads·48·16·2/8) + key meta 2×(2·3·16)·2 + value meta 2×(2·48·1)·2 + window 2×(2·16·16)·4
+    expected = 2 * (2 * 48 * 4) + 2 * (2 * 3 * 16) * 2 + 2 * (2 * 48 * 1) * 2 + 2 * (2 * 16 * 16) * 4
+    assert layer.nbytes() == expected
+    assert q.kv_bytes() == 2 * expected
+    from transformers import DynamicCache
+
+    full = DynamicCache(config=model.config)
+    _run(model, ids, full, 64)
+    assert full_cache_bytes(full) == 2 * 2 * 2 * 64 * 16 * 4
+
+
+def test_kv_methods_are_registered_and_decode_quality_orders_by_bits():
+    model = tiny_model("llama")
+    methods = [build_method(model, "kv", f"int{b}", {"group_size": 8, "residual": 8}) for b in (8, 2)]
+    assert [m.name for m in methods] == ["kv-int8-g8-r8", "kv-int2-g8-r8"]
+    res = run_ppl_decode(model, methods=methods, input_ids=_ids(2, 48), decoded=24)
+    full = res.methods["full"]["ppl"]
+    assert abs(res.methods["kv-int8-g8-r8"]["ppl"] / full - 1) < 0.01
+    assert abs(res.methods["kv-int2-g8-r8"]["ppl"] / full - 1) > abs(res.methods["kv-int8-g8-r8"]["ppl"] / full - 1)
+    with pytest.raises(ConfigError, match="option"):
+        build_method(model, "kv", "int4", {"bogus": 1})
+    with pytest.raises(ConfigError, match="head dim"):
+        build_method(model, "kv", "int4", {})  # value groups of 32 channels vs head dim 16
+
+
+def test_config_round_trip_and_validation():
+    cfg = KVQuant(bits=4, group_size=16, residual=64, sinks=4, pre_rope=True)
+    assert BaseConfig.from_json(cfg.to_json()) == cfg
+    assert compactlm.KVQuant is KVQuant
+    for bad, match in [({"bits": 3}, "bits"), ({"group_size": 0}, "group_size"), ({"residual": -1}, "residual"),
+                       ({"sinks": -2}, "sinks"), ({"meta_dtype": "int8"}, "meta_dtype"),
+                       ({"chunk_tokens": 33}, "chunk_tokens"), ({"value_group_size": 0}, "value_group_size")]:
+        with pytest.raises(ConfigError, match=match):
+            KVQuant(**bad)
+    with pytest.raises(ConfigError, match="KVQuant"):
+        with kv_cache(tiny_model("llama"), "int4"):
+            pass
+
+
+def test_sliding_window_models_are_refused():
+    from compactlm.errors import UnsupportedArchitectureError
+
+    model = tiny_model("gemma3")
+    with pytest.raises((UnsupportedArchitectureError, ConfigError)):
+        QuantizedKVCache(model, KVQuant(bits=4, group_size=8))

@@ -1,0 +1,85 @@
+"""Group quantization math: round trip error bounds, packing, grouping axes, padding-aware statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compactlm.kv.quantizer import QuantizedKV, dequantize_groups, pack_codes, quantize_groups, unpack_codes
+
+
+def _x(shape=(2, 3, 64, 16), seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 2 ** bits, (2, 3, 5, 16), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape[-1] == 16 * bits // 8 and packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dim", [-2, -1])
+def test_round_trip_error_is_within_half_a_step(bits, dim):
+    x = _x()
+    codes, scale, zero = quantize_groups(x, bits, 8, dim, meta_dtype=torch.float32)
+    assert codes.max() <= 2 ** bits - 1
+    y = dequantize_groups(codes, scale, zero, 8, dim)
+    g = x.reshape(2, 3, 8, 8, 16) if dim == -2 else x.reshape(2, 3, 64, 2, 8)
+    err = (y.reshape(g.shape) - g).abs()
+    assert (err <= scale.unsqueeze(dim) / 2 + 1e-5).all()
+    sqnr = 10 * torch.log10(x.pow(2).mean() / (x - y).pow(2).mean())
+    assert sqnr > {2: 5, 4: 18, 8: 40}[bits], f"SQNR {sqnr:.1f} dB"
+
+
+def test_keys_group_along_tokens_values_along_channels():
+    x = _x((1, 2, 32, 16))
+    _, ks, _ = quantize_groups(x, 2, 8, -2)
+    _, vs, _ = quantize_groups(x, 2, 8, -1)
+    assert ks.shape == (1, 2, 4, 16)  # one scale per channel per 8 tokens
+    assert vs.shape == (1, 2, 32, 2)  # one scale per token per 8 channels
+
+
+def test_per_channel_outlier_stays_in_its_channel():
+    """KIVI's reason for per-channel keys: a large channel must not ruin the precision of the others."""
+    x = _x((1, 1, 32, 16))
+    x[..., 3] *= 50
+    codes, s, z = quantize_groups(x, 4, 32, -2)
+    y = dequantize_groups(codes, s, z, 32, -2)
+    others = [c for c in range(16) if c != 3]
+    rel = (y - x)[..., others].abs().max() / x[..., others].abs().max()
+    assert rel < 0.1
+
+
+def test_constant_groups_are_exact_and_padding_is_ignored():
+    x = torch.full((1, 1, 8, 8), 3.0)
+    codes, s, z = quantize_groups(x, 2, 8, -2)
+    assert torch.equal(dequantize_groups(codes, s, z, 8, -2), x)
+    y = _x((1, 1, 8, 8))
+    y[:, :, :2] = 1000.0  # left padding with garbage
+    valid = torch.tensor([[False, False] + [True] * 6])
+    codes, s, z = quantize_groups(y, 4, 8, -2, valid=valid)
+    back = dequantize_groups(codes, s, z, 8, -2)
+    assert (back[:, :, 2:] - y[:, :, 2:]).abs().max() < 0.5
+    codes, s, z = quantize_groups(y, 4, 8, -2)  # without the mask the range is ruined
+    assert (dequantize_groups(codes, s, z, 8, -2)[:, :, 2:] - y[:, :, 2:]).abs().max() > 2
+
+
+def test_quantized_kv_slices_append_and_bytes():
+    x = _x((1, 2, 64, 16))
+    q = QuantizedKV.quantize(x, 2, 16, -2)
+    assert q.nbytes == 1 * 2 * 64 * 4 + 2 * (1 * 2 * 4 * 16 * 2)  # codes + fp16 scale and zero
+    both = q.append(QuantizedKV.quantize(x, 2, 16, -2))
+    assert both.length == 128
+    assert torch.equal(both.dequantize(start=64, end=96), q.dequantize(start=0, end=32))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_groups(_x(), 3, 8, -2)
+    with pytest.raises(ValueError, match="multiple"):
+        quantize_groups(_x(), 2, 7, -2)
+    with pytest.raises(ValueError, match="B, H, T, D"):
+        quantize_groups(torch.zeros(4, 4), 2, 2, -1)
