@@ -13,6 +13,7 @@ from . import config, data, evaluation, models
 from .api import compress
 from .config import BaseConfig, PerLayer
 from .errors import CompactLMError
+from .inspector import inspect  # noqa: F401  (compactlm.inspect; the package is named inspector)
 from .kv import KVQuant, kv_cache
 
 __version__ = "0.1.0"

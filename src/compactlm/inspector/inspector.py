@@ -1,0 +1,218 @@
+"""``inspect(ref, cand, batches)``: per-operator error, isolated and accumulated, ranked by consumer-aware impact.
+
+The precision inspector in the manner of operator-level precision monitoring (KL / SQNR / cosine plus an
+end-to-end gate): every operator of the two models is compared on the same inputs (:mod:`.capture`), the
+operators that differ are each swapped alone into the reference to measure their effect on the output
+(:mod:`.impact`), and the result is one ranked table (:class:`InspectionReport`), with risk flags from
+thresholds, written as JSON, CSV, HTML or a terminal table (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BaseConfig
+from ..errors import ConfigError, DataError
+from ..models.adapter import get_adapter
+from ..utils import machine_info, peak_rss_mib, progress
+from .capture import Capture, check_compatible, discover_operators
+from .impact import consumer_impact, select_units
+from .metrics import hist_edges
+
+
+@dataclass(frozen=True)
+class InspectConfig(BaseConfig):
+    """What the inspector computes and which thresholds flag a risk.
+
+    Fields: ``isolated`` (re-run candidate operators on reference inputs), ``attention_probs`` (capture
+    softmax probabilities on the eager path), ``impact`` (consumer-aware ranking), ``impact_samples``
+    (sequences, taken from the start of the data, run per swap), ``impact_top`` (swap only the N units
+    with the largest isolated noise-to-signal ratio; 0 = every differing unit), ``batch_size`` (sequences
+    per capture pass; bounds memory), and the risk thresholds ``warn_impact_kl`` (nats/token),
+    ``warn_sqnr_db`` (isolated SQNR below it), ``warn_attention_kl`` (nats per attention row).
+    """
+
+    isolated: bool = True
+    attention_probs: bool = True
+    impact: bool = True
+    impact_samples: int = 2
+    impact_top: int = 0
+    batch_size: int = 1
+    warn_impact_kl: float = 0.01
+    warn_sqnr_db: float = 20.0
+    warn_attention_kl: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.impact_samples < 1:
+            raise ConfigError(f"impact_samples must be ≥ 1 sequence, got {self.impact_samples}")
+        if self.impact_top < 0:
+            raise ConfigError(f"impact_top must be ≥ 0 (0 = every differing operator), got {self.impact_top}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        for name in ("warn_impact_kl", "warn_attention_kl"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{name} must be a non-negative KL in nats, got {value}")
+        if not math.isfinite(self.warn_sqnr_db):
+            raise ConfigError(f"warn_sqnr_db must be a finite dB value, got {self.warn_sqnr_db}")
+
+
+def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 1:
+            data = data.unsqueeze(0)
+        items = list(torch.split(data, batch_size)) if data.dim() == 2 else [data]
+    else:
+        items = list(data)
+    if not items:
+        raise DataError("inspect needs at least one batch of token ids")
+    for b in items:
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.dtype not in (torch.long, torch.int, torch.int32):
+            shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise DataError(f"each batch must be a (batch, tokens) integer tensor of token ids, got {shape}")
+        if b.size(1) < 2:
+            raise DataError(f"each sequence needs at least 2 tokens, got {b.size(1)}")
+    return items
+
+
+def _risks(op: dict[str, Any], cfg: InspectConfig) -> list[str]:
+    flags = []
+    iso, acc, imp = op["isolated"], op["accumulated"], op["impact"]
+    if any(isinstance(v, float) and math.isnan(v) for m in (iso, acc) if m for v in m.values()):
+        flags.append("non_finite")
+    if imp is not None and imp["kl"] > cfg.warn_impact_kl:
+        flags.append("impact_kl")
+    if iso and iso.get("sqnr_db", math.inf) < cfg.warn_sqnr_db and op["kind"] != "attention_probs":
+        flags.append("isolated_sqnr")
+    if op["kind"] == "attention_probs" and acc and acc.get("kl", 0.0) > cfg.warn_attention_kl:
+        flags.append("attention_kl")
+    return flags
+
+
+def _sort_key(op: dict[str, Any]) -> tuple:
+    imp = op["impact"]
+    iso = op["isolated"] or op["accumulated"] or {}
+    kl, nsr = (imp["kl"] if imp else 0.0), iso.get("nsr", 0.0)
+    # NaN (a candidate producing non-finite values) sorts as the worst possible, not arbitrarily.
+    return (imp is not None, math.inf if kl != kl else kl, op["unit"], math.inf if nsr != nsr else nsr)
+
+
+@torch.no_grad()
+def inspect(ref: nn.Module, cand: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor],
+            config: InspectConfig | None = None,
+            candidate_context: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+            ) -> InspectionReport:
+    """Compare every operator of ``cand`` with ``ref`` on ``batches`` of token ids; return the ranked report.
+
+    ``batches`` is an (N, T) id tensor (split into ``config.batch_size`` rows) or an iterable of (B, T)
+    tensors. ``candidate_context(cand)``, if given, is entered around each candidate forward (a runtime
+    method's ``attach``, e.g. sparse attention); the consumer-aware impact needs module swaps, so it is
+    refused with a runtime context.
+    """
+    cfg = config or InspectConfig()
+    items = _batches(batches, cfg.batch_size)
+    if cfg.impact and candidate_context is not None:
+        raise ConfigError("consumer-aware impact swaps candidate modules into the reference and cannot follow a "
+                          "runtime context (candidate_context); pass InspectConfig(impact=False) / --no-impact")
+    for m in (ref, cand):
+        m.eval()
+    ops = discover_operators(ref)
+    check_compatible(ref, cand, ops)
+    capture = Capture(ref, cand, ops, isolated=cfg.isolated, attention_probs=cfg.attention_probs,
+                      candidate_context=candidate_context)
+    start = time.perf_counter()
+    for batch in progress(items, desc="inspect (reference + candidate passes)"):
+        capture.run_batch(batch)
+    capture_s = time.perf_counter() - start
+
+    impacts: dict = {}
+    units = select_units(ops, {n: s.differs for n, s in
+                               (capture.isolated_stats if cfg.isolated else capture.accumulated).items()})
+    impact_s, impact_units = 0.0, 0
+    if cfg.impact and units:
+        if cfg.impact_top:
+            units = sorted(units, key=lambda o: -capture.isolated_stats[o.name].summary()["nsr"])[: cfg.impact_top]
+        seqlen = items[0].size(1)
+        rows = torch.cat([b for b in items if b.size(1) == seqlen])[: cfg.impact_samples]
+        start = time.perf_counter()
+        impacts = consumer_impact(ref, cand, units, rows)
+        impact_s, impact_units = time.perf_counter() - start, len(units)
+
+    unit_names = {u.name for u in units} | set(impacts)
+    operators = []
+    for op in ops:
+        acc = capture.accumulated[op.name]
+        iso = capture.isolated_stats[op.name]
+        imp = impacts.get(op.name)
+        row = {
+            "name": op.name, "kind": op.kind, "layer": op.layer,
+            "isolated": iso.summary() if cfg.isolated and iso.elements else None,
+            "accumulated": acc.summary() if acc.elements else None,
+            "impact": None if imp is None else {"kl": imp.kl, "kl_max": imp.kl_max, "loss_delta": imp.loss_delta,
+                                                "seconds": imp.seconds},
+            "unit": op.name in unit_names,
+            "skipped_batches": capture.skipped[op.name],
+            "hist": {"isolated": iso.hist if cfg.isolated else None, "accumulated": acc.hist},
+        }
+        row["risk"] = _risks(row, cfg)
+        operators.append(row)
+    operators.sort(key=_sort_key, reverse=True)
+    for rank, row in enumerate(operators, 1):
+        row["rank"] = rank
+    tokens = sum(b.numel() for b in items)
+    logits = next(o for o in operators if o["kind"] == "logits")["accumulated"] or {}
+    data = {
+        "reference": get_adapter(ref).info(), "candidate": get_adapter(cand).info(), "config": cfg.to_dict(),
+        "sequences": sum(b.size(0) for b in items), "tokens": tokens,
+        "final_logits": {k: logits.get(k) for k in ("kl", "kl_max", "sqnr_db", "cosine")},
+        "attention_probs_available": dict(capture.probs_available),
+        "timing": {"capture_s": capture_s, "impact_s": impact_s, "impact_units": impact_units,
+                   "impact_tokens": min(cfg.impact_samples, items[0].size(0) * len(items)) * items[0].size(1)
+                   if impact_units else 0, "peak_rss_mib": peak_rss_mib()},
+        "hist_edges_log10": hist_edges(),
+        "operators": operators,
+        "machine": machine_info(next(ref.parameters()).dtype),
+    }
+    return InspectionReport(data)
+
+
+class InspectionReport:
+    """The inspector's result: ``data`` is the JSON document; writers live in :mod:`.report`."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    @property
+    def operators(self) -> list[dict[str, Any]]:
+        return self.data["operators"]
+
+    def top(self, n: int = 10, units_only: bool = True) -> list[dict[str, Any]]:
+        rows = [o for o in self.operators if o["unit"]] if units_only else self.operators
+        return rows[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+    def write_json(self, path) -> None:
+        from .report import write_json
+        write_json(self, path)
+
+    def write_csv(self, path) -> None:
+        from .report import write_csv
+        write_csv(self, path)
+
+    def write_html(self, path) -> None:
+        from .report import write_html
+        write_html(self, path)
+
+    def table(self, top: int = 15) -> str:
+        from .report import terminal_table
+        return terminal_table(self, top)
