@@ -16,6 +16,7 @@ A method plugs in only a collector and a solve (see :class:`CalibratedMethod`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError, DataError
+from .layer_checkpoint import LayerCheckpoint, scoped_checkpoint
 from .models.adapter import Adapter, get_adapter
 from .utils import progress
 
@@ -163,8 +165,14 @@ def run(
     batch_size: int = 8,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     desc: str = "calibrating",
+    checkpoint: LayerCheckpoint | str | os.PathLike[str] | None = None,
 ) -> LayerwiseReport:
-    """Calibrate ``model`` layer by layer with ``method`` on ``calib`` (N, T) token ids; modifies it in place."""
+    """Calibrate ``model`` layer by layer with ``method`` on ``calib`` (N, T) token ids; modifies it in place.
+
+    ``checkpoint`` (a folder or a :class:`~compactlm.layer_checkpoint.LayerCheckpoint`; by default the one
+    of an enclosing :func:`compactlm.layer_checkpoint.checkpointing` block, else none) saves every finished
+    layer, and a restarted call resumes after the last one saved with a bit-identical result.
+    """
     if calib is None:
         raise DataError("this method needs calibration data: pass calib=(N, T) token ids, e.g. "
                         "compactlm.data.calibration_set(tokenizer)")
@@ -176,8 +184,17 @@ def run(
     model.eval()
     inputs, layer_kwargs = capture_inputs(model, adapter, calib, batch_size, device)
     report = LayerwiseReport()
+    ckpt = scoped_checkpoint(desc) if checkpoint is None else (
+        checkpoint if isinstance(checkpoint, LayerCheckpoint) else LayerCheckpoint(checkpoint))
+    start = 0
+    if ckpt is not None:
+        ckpt.begin(calib, method, adapter.num_layers, desc)
+        prefixes = [adapter.layer_prefix(i) for i in range(adapter.num_layers)]
+        start, saved_inputs = ckpt.resume(adapter.layers, prefixes, method, report)
+        inputs = saved_inputs if saved_inputs is not None else inputs
     try:
-        for i in progress(range(adapter.num_layers), desc=desc, total=adapter.num_layers, leave=False):
+        for i in progress(range(start, adapter.num_layers), desc=desc, total=adapter.num_layers - start, leave=False):
+            n_records, n_layer_records = len(report.records), len(report.layer_records)
             layer = adapter.layers[i]
             home = next(layer.parameters()).device
             layer.to(device)
@@ -197,6 +214,9 @@ def run(
                 report.layer_records.append({"layer": i, **extra})
             inputs = ctx.forward_all()
             layer.to(home)
+            if ckpt is not None:
+                ckpt.save(i, layer, ctx.prefix, method, report.records[n_records:],
+                          report.layer_records[n_layer_records:], inputs, last=i == adapter.num_layers - 1)
     finally:
         model.train(was_training)
     return report
