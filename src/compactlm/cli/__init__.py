@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "compactlm.cli.inspect_cmd",
     "compactlm.cli.generate",
     "compactlm.cli.eval_long",
+    "compactlm.cli.compress",
+    "compactlm.cli.report",
 ]
 
 
