@@ -158,3 +158,31 @@ def test_config_roundtrip_and_layers():
         QuestConfig(page=0)
     with pytest.raises(ConfigError, match="no option"):
         build_method(None, "attn", "streaming", {"bogus": "1"})
+
+
+def test_profile_overlap_and_dense_proposal(model):
+    from compactlm.attention.profile import profile_overlap, propose_dense
+
+    proj = projections_for(model, None)
+    calib = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    full = profile_overlap(model, calib, proj, rank=1.0, score_dims=1.0, keep=0.25, queries=4)
+    low = profile_overlap(model, calib, proj, rank=2, score_dims=1.0, keep=0.25, queries=4)
+    assert len(full) == 2 and all(0 <= p.overlap <= 1 for p in full + low)
+    assert sum(p.mass for p in low) <= sum(p.mass for p in full) + 1e-6
+    assert propose_dense(low, threshold=2.0) == [0, 1] and propose_dense(full, threshold=0.0) == []
+
+
+def test_quantized_values_close_to_full_and_smaller(model):
+    ids, new = torch.randint(3, 256, (1, 64)), torch.randint(3, 256, (1, 4))
+    base = dict(rank=1.0, score_dims=1.0, keep=1.0, sink=0, recent=1, dense_first=0, dense_last=0)
+    with sparse_attention(model, SALSConfig(**base)):
+        ref, c_full = _decode_logits(model, ids, new)
+    with sparse_attention(model, SALSConfig(value_bits=8, value_group=16, **base)):
+        out8, c8 = _decode_logits(model, ids, new)
+    with sparse_attention(model, SALSConfig(value_bits=4, value_group=16, **base)):
+        out4, c4 = _decode_logits(model, ids, new)
+    e8, e4 = (out8 - ref).abs().max().item(), (out4 - ref).abs().max().item()
+    assert 0 < e8 < e4 < 0.5
+    assert c4.layers[1].nbytes() < c8.layers[1].nbytes() < c_full.layers[1].nbytes()
+    with pytest.raises(ConfigError, match="value_bits"):
+        SALSConfig(value_bits=3)

@@ -27,7 +27,8 @@ count; default r/2), ``keep`` (fraction of the context or a count), ``sink``, ``
 ``dense_last`` (or an explicit ``dense_layers`` list), ``mode`` (``compressed``: the cache holds only latent
 keys + values; ``index``: full keys kept, the latent only selects), ``pool`` (how a GQA group's query heads vote),
 ``block`` / ``block_reduce`` (select contiguous blocks instead of tokens), ``projections`` (a calibration file or
-a folder holding ``sals_projections.safetensors``).
+a folder holding ``sals_projections.safetensors``), ``value_bits`` / ``value_group`` (values stored as per-token
+KIVI codes from :mod:`compactlm.kv.quantizer`, dequantized only for the chosen tokens; None = full precision).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class SALSConfig(BaseConfig):
     block: int = 1
     block_reduce: str = "max"
     projections: str | None = None
+    value_bits: int | None = None
+    value_group: int = 32
 
     def __post_init__(self) -> None:
         for name in ("rank", "score_dims", "keep"):
@@ -95,6 +98,11 @@ class SALSConfig(BaseConfig):
             raise ConfigError(f"SALSConfig.block must be an int ≥ 1 (1 = token-level top-k), got {self.block!r}")
         if self.block_reduce not in REDUCES:
             raise ConfigError(f"SALSConfig.block_reduce={self.block_reduce!r}; use one of {', '.join(REDUCES)}")
+        if self.value_bits not in (None, 2, 4, 8):
+            raise ConfigError(f"SALSConfig.value_bits={self.value_bits!r}; use None (full precision), 2, 4 or 8")
+        if not isinstance(self.value_group, int) or self.value_group < 1:
+            raise ConfigError(f"SALSConfig.value_group must be an int ≥ 1 (channels per scale), got "
+                              f"{self.value_group!r}")
         if self.dense_layers is not None:
             if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):
                 raise ConfigError(f"SALSConfig.dense_layers must be layer indices ≥ 0, got {self.dense_layers!r}")
@@ -214,11 +222,24 @@ def _parse_number(key: str, text: str) -> Any:
         raise ConfigError(f"option {key}={text!r} is not a number") from None
 
 
-@register_method("attn:sals")
-def _sals_builder(model: torch.nn.Module, options: dict[str, Any]) -> RuntimeMethod:
-    cfg = config_from_options(SALSConfig, options)
-    if options.get("tokenizer") is not None and cfg.projections is None:
-        from .sals_calib import ensure_projections
+# CLI names: ``--attn sals`` (rank 25 %), ``sals-12.5`` (rank 12.5 %), ``sals-index`` (full keys kept).
+PRESETS: dict[str, dict[str, Any]] = {"sals": {}, "sals-25": {"rank": 0.25}, "sals-12.5": {"rank": 0.125},
+                                      "sals-index": {"mode": "index"},
+                                      "sals-v4": {"value_bits": 4}}
 
-        ensure_projections(model, options["tokenizer"])
-    return sals_method(model, cfg)
+
+def _builder(name: str, preset: dict[str, Any]):
+    def build(model: torch.nn.Module, options: dict[str, Any]) -> RuntimeMethod:
+        from .sals_calib import ATTR, ensure_projections
+
+        cfg = config_from_options(SALSConfig, {**preset, **options})
+        if cfg.projections is None and getattr(model, ATTR, None) is None:
+            # The runners pass no tokenizer: calibrate with the model's own (a local folder), cached on disk.
+            ensure_projections(model, options.get("tokenizer"))
+        return sals_method(model, cfg, name)
+
+    return build
+
+
+for _name, _preset in PRESETS.items():
+    register_method(f"attn:{_name}")(_builder(_name, _preset))

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from ..errors import ConfigError
-from ..kernels.sparse_decode import rope, unrope
+from ..kernels.sparse_decode import PackedValues, rope, unrope
 
 
 class SALSLayer(CacheLayerMixin):
@@ -23,8 +23,12 @@ class SALSLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, proj: torch.Tensor, rope_table: Any, layer_idx: int, mode: str = "compressed"):
+    def __init__(self, proj: torch.Tensor, rope_table: Any, layer_idx: int, mode: str = "compressed",
+                 value_bits: int | None = None, value_group: int = 32):
         super().__init__()
+        self.value_bits = value_bits  # None: full-precision values; else per-token KIVI codes (kv.quantizer)
+        self.value_group = value_group
+        self._vq: dict[str, torch.Tensor] = {}  # packed / scale / zero, (B, n_kv, cap, ·)
         self.proj = proj  # (n_kv, d, r), in the cache dtype
         self.proj_f32 = proj.float()
         self.rope_table = rope_table
@@ -57,7 +61,14 @@ class SALSLayer(CacheLayerMixin):
             return new
 
         self._latent = grown(self._latent, (batch, new_cap, r), self.proj.dtype, 1)
-        self._values = grown(self._values, (batch, hkv, new_cap, d), like_v.dtype, 2)
+        if self.value_bits is None:
+            self._values = grown(self._values, (batch, hkv, new_cap, d), like_v.dtype, 2)
+        else:
+            groups = d // self.value_group
+            widths = {"packed": (d * self.value_bits // 8, torch.uint8), "scale": (groups, torch.float16),
+                      "zero": (groups, torch.float16)}
+            for name, (w, dt) in widths.items():
+                self._vq[name] = grown(self._vq.get(name), (batch, hkv, new_cap, w), dt, 2)
         self._positions = grown(self._positions, (batch, new_cap), torch.int32, 1)
         if self.mode == "index":
             self._keys = grown(self._keys, (batch, hkv, new_cap, d), like_k.dtype, 2)
@@ -65,8 +76,21 @@ class SALSLayer(CacheLayerMixin):
     def latent_view(self) -> torch.Tensor:
         return self._latent[:, : self.length]
 
-    def values_view(self) -> torch.Tensor:
-        return self._values[:, :, : self.length]
+    def values_view(self) -> torch.Tensor | PackedValues:
+        if self.value_bits is None:
+            return self._values[:, :, : self.length]
+        n = self.length
+        return PackedValues(self._vq["packed"][:, :, :n], self._vq["scale"][:, :, :n], self._vq["zero"][:, :, :n],
+                            self.value_bits, self.value_group)
+
+    def dense_values(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every cached value as a (B, n_kv, L, d) tensor (dequantized when values are quantized)."""
+        v = self.values_view()
+        if isinstance(v, torch.Tensor):
+            return v
+        from ..kv.quantizer import dequantize_groups, unpack_codes
+
+        return dequantize_groups(unpack_codes(v.packed, v.bits), v.scale, v.zero, v.group, -1, dtype)
 
     def positions_view(self) -> torch.Tensor:
         return self._positions[:, : self.length]
@@ -88,7 +112,10 @@ class SALSLayer(CacheLayerMixin):
             return 0
         b = self._latent.shape[0]
         per = self._latent.shape[-1] * self._latent.element_size()
-        per += self._values.shape[1] * self._values.shape[-1] * self._values.element_size()
+        if self.value_bits is None:
+            per += self._values.shape[1] * self._values.shape[-1] * self._values.element_size()
+        else:
+            per += sum(t.shape[1] * t.shape[-1] * t.element_size() for t in self._vq.values())
         per += self._positions.element_size()
         if self._keys is not None:
             per += self._keys.shape[1] * self._keys.shape[-1] * self._keys.element_size()
@@ -116,19 +143,26 @@ class SALSLayer(CacheLayerMixin):
         before = self.length
         self._grow(b, before + t, key_states, value_states)
         self._latent[:, before:before + t] = z.to(self._latent.dtype)
-        self._values[:, :, before:before + t] = value_states
+        if self.value_bits is None:
+            self._values[:, :, before:before + t] = value_states
+        else:
+            from ..kv.quantizer import pack_codes, quantize_groups
+
+            codes, scale, zero = quantize_groups(value_states, self.value_bits, self.value_group, -1)
+            self._vq["packed"][:, :, before:before + t] = pack_codes(codes, self.value_bits)
+            self._vq["scale"][:, :, before:before + t] = scale
+            self._vq["zero"][:, :, before:before + t] = zero
         self._positions[:, before:before + t] = pos.to(torch.int32)
         if self._keys is not None:
             self._keys[:, :, before:before + t] = key_states
         self.length = before + t
         self.max_pos = max(self.max_pos, int(pos.max()))
-        if self.mode == "index":
-            return self.keys_view(), self.values_view()
-        if t == 1:
-            return key_states[:, :, :0], self.values_view()
+        if t == 1:  # the SALS handler reads the layer itself; dense attention on these fails loudly
+            return key_states[:, :, :0], value_states[:, :, :0]
         if before == 0:
             return key_states, value_states
-        return self.rebuild_keys().to(key_states.dtype), self.values_view()
+        keys = self.keys_view() if self.mode == "index" else self.rebuild_keys().to(key_states.dtype)
+        return keys, self.dense_values(value_states.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -147,6 +181,7 @@ class SALSLayer(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices])
+        self._vq = {k: t[indices] for k, t in self._vq.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -172,6 +207,8 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
         layers.append(replicate())
     width = adapter.num_kv_heads * adapter.head_dim
     r, _ = cfg.ranks(width)
+    if cfg.value_bits is not None and (adapter.head_dim % cfg.value_group or adapter.head_dim * cfg.value_bits % 8):
+        raise ConfigError(f"SALSConfig.value_group={cfg.value_group} must divide the head dim {adapter.head_dim}")
     for i in sparse:
         old = layers[i]
         if isinstance(old, SALSLayer):
@@ -180,9 +217,24 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
             raise ConfigError(f"SALS converts full-precision DynamicLayer caches; layer {i} is {type(old).__name__}. "
                               "Run SALS with a plain DynamicCache (values quantization is not combined yet)")
         dtype = adapter.embed_tokens.weight.dtype
-        new = SALSLayer(projections.proj(i, r, dtype), rope_table, i, cfg.mode)
+        new = SALSLayer(projections.proj(i, r, dtype), rope_table, i, cfg.mode, cfg.value_bits, cfg.value_group)
         if old.is_initialized and old.keys is not None and old.keys.numel():
             length = old.keys.shape[-2]
             pos = torch.arange(length, device=old.keys.device)[None]
             new.update(old.keys, old.values, kwargs={"position_ids": pos})
         layers[i] = new
+
+
+def kv_bytes_per_token(cache: Any) -> float:
+    """Bytes the cache holds per cached token, over all layers (SALS layers count latent + values + positions)."""
+    total, tokens = 0, 0
+    for layer in cache.layers:
+        if isinstance(layer, SALSLayer):
+            total += layer.nbytes()
+            tokens = max(tokens, layer.length * (layer._latent.shape[0] if layer._latent is not None else 0))
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            total += layer.keys.nbytes + layer.values.nbytes
+            tokens = max(tokens, layer.keys.shape[0] * layer.keys.shape[-2])
+    if tokens == 0:
+        raise ConfigError("the cache holds no tokens; prefill it before measuring bytes per token")
+    return total / tokens

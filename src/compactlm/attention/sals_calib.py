@@ -146,12 +146,41 @@ def projections_for(model: torch.nn.Module, path: str | None) -> SALSProjections
     return proj
 
 
-def ensure_projections(model: torch.nn.Module, tokenizer, nsamples: int = 32) -> SALSProjections:
-    """Attached projections, calibrating on CALIB-pg-512 (quick variant: 32 × 512) if there are none."""
-    proj = getattr(model, ATTR, None)
-    if proj is None:
-        from ..data import calibration_set
+def default_cache_path(model: torch.nn.Module, nsamples: int) -> Path | None:
+    """Where projections for a model loaded from a local folder are cached (None for in-memory models)."""
+    src = getattr(model.config, "_name_or_path", "") or ""
+    if not src or not Path(src).exists():
+        return None
+    import hashlib
 
-        calib = calibration_set(tokenizer, "essays", nsamples=nsamples, seqlen=512, seed=0)
-        proj = calibrate_sals(model, calib, meta={"calibration": f"CALIB-pg-512 ({nsamples} x 512)"})
+    root = Path(os.environ.get("COMPACTLM_CACHE", Path.home() / ".cache" / "compactlm")) / "sals"
+    key = hashlib.sha1(f"{Path(src).resolve()}|{model.dtype}|{nsamples}".encode()).hexdigest()[:16]
+    return root / f"{Path(src).name}-{key}.safetensors"
+
+
+def ensure_projections(model: torch.nn.Module, tokenizer=None, nsamples: int = 32) -> SALSProjections:
+    """Attached projections; else cached ones for this model folder; else calibrate on CALIB-pg-512 (quick
+    variant, 32 × 512), cache and attach. Without a tokenizer, the model folder's own tokenizer is loaded."""
+    proj = getattr(model, ATTR, None)
+    if proj is not None:
+        return proj
+    cached = default_cache_path(model, nsamples)
+    if cached is not None and cached.is_file():
+        proj = load_projections(cached)
+        setattr(model, ATTR, proj)
+        return proj
+    if tokenizer is None:
+        src = getattr(model.config, "_name_or_path", "")
+        if cached is None:
+            raise ConfigError("SALS needs calibrated projections and this model has no local folder to take a "
+                              "tokenizer from: calibrate_sals(model, calib) first, or pass projections=PATH")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    from ..data import calibration_set
+
+    calib = calibration_set(tokenizer, "essays", nsamples=nsamples, seqlen=512, seed=0)
+    proj = calibrate_sals(model, calib, meta={"calibration": f"CALIB-pg-512 ({nsamples} x 512)"})
+    if cached is not None:
+        save_projections(proj, cached)
     return proj

@@ -100,6 +100,30 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
 
 
 @dataclass(frozen=True)
+class PackedValues:
+    """Per-token quantized values (KIVI layout, :mod:`compactlm.kv.quantizer`): only chosen rows are dequantized.
+
+    packed (B, H_kv, L, D·bits/8) uint8; scale/zero (B, H_kv, L, D/group).
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group: int
+
+    def gather(self, idx: torch.Tensor, dtype: torch.dtype, buffers: DecodeBuffers) -> torch.Tensor:
+        from ..kv.quantizer import dequantize_groups, unpack_codes
+
+        b, hkv, n = idx.shape
+        packed = gather_heads(self.packed, idx, buffers.get("vq", (b, hkv, n, self.packed.shape[-1]), torch.uint8,
+                                                           idx.device))
+        scale = gather_heads(self.scale, idx)
+        zero = gather_heads(self.zero, idx)
+        return dequantize_groups(unpack_codes(packed, self.bits), scale, zero, self.group, -1, dtype)
+
+
+@dataclass(frozen=True)
 class SelectParams:
     """How one decode step chooses tokens (a view of the method config, resolved to counts)."""
 
@@ -131,39 +155,45 @@ def selected_valid(valid: torch.Tensor | None, idx: torch.Tensor, ok: torch.Tens
     return ok if sel is None else sel & ok
 
 
-def latent_scores(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torch.Tensor) -> torch.Tensor:
+def latent_scores(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torch.Tensor,
+                  mean_over_group: bool = False) -> torch.Tensor:
     """SALS latent scores: pre-RoPE queries projected to latent space against latent keys.
 
     q_pre (B, H_kv, G, D); proj_score (H_kv, D, r*) = the rows of the joint projection that belong to each
-    KV head, first r* columns; z_score (B, L, r*) -> (B, H_kv, G, L).
+    KV head, first r* columns; z_score (B, L, r*) -> (B, H_kv, G, L), or (B, H_kv, 1, L) with
+    ``mean_over_group``: scores are linear in q, so the group mean is the score of the mean latent query
+    (G times fewer multiply-adds, one GEMM with M = H_kv over the head-shared latent).
     """
     b, hkv, g, d = q_pre.shape
     q_lat = torch.matmul(q_pre, proj_score)  # (B, H_kv, G, r*): per head, q·U_h
-    s = torch.matmul(q_lat.reshape(b, hkv * g, -1), z_score.transpose(1, 2))  # (B, H, L)
-    return s.view(b, hkv, g, -1)
+    if mean_over_group:
+        q_lat = q_lat.mean(2, keepdim=True)
+    s = torch.matmul(q_lat.reshape(b, -1, q_lat.shape[-1]), z_score.transpose(1, 2))  # (B, H_kv·G', L)
+    return s.view(b, hkv, q_lat.shape[2], -1)
 
 
 def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, latent: torch.Tensor,
-                values: torch.Tensor, positions: torch.Tensor, proj: torch.Tensor, r_star: int,
+                values: torch.Tensor | PackedValues, positions: torch.Tensor, proj: torch.Tensor, r_star: int,
                 cos_table: torch.Tensor, sin_table: torch.Tensor, params: SelectParams, scaling: float,
                 valid: torch.Tensor | None = None, keys: torch.Tensor | None = None,
                 buffers: DecodeBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One SALS decode step for one layer -> (out (B, 1, H, D), chosen slots (B, H_kv, n)).
 
     q (B, H, 1, D) post-RoPE query and its q_cos/q_sin (B, 1, D); latent (B, L, r) joint latent keys;
-    values (B, H_kv, L, D); positions (B, L) RoPE positions of the slots; proj (H_kv, D, r) the joint
-    projection split per KV head; cos/sin_table (P, D) RoPE rows by position; ``keys`` (B, H_kv, L, D)
-    post-RoPE keys in ``index`` mode (then nothing is rebuilt).
+    values (B, H_kv, L, D) or :class:`PackedValues`; positions (B, L) RoPE positions of the slots;
+    proj (H_kv, D, r) the joint projection split per KV head; cos/sin_table (P, D) RoPE rows by position;
+    ``keys`` (B, H_kv, L, D) post-RoPE keys in ``index`` mode (then nothing is rebuilt).
     """
     b, h, _, d = q.shape
-    hkv = values.shape[1]
+    hkv = proj.shape[0]
     g = h // hkv
     buffers = buffers or DecodeBuffers()
     q_g = q.view(b, hkv, g, d)
     # Score in the pre-RoPE latent space: undo the query's rotation (RoPE-free q·k, §4.2).
     q_pre = unrope(q_g, q_cos[:, None], q_sin[:, None])
-    scores = latent_scores(q_pre, proj[:, :, :r_star], latent[:, :, :r_star])
-    pooled = pool_heads(scores, params.pool, scaling)
+    mean = params.pool == "mean"
+    scores = latent_scores(q_pre, proj[:, :, :r_star], latent[:, :, :r_star], mean_over_group=mean)
+    pooled = scores[:, :, 0] if mean else pool_heads(scores, params.pool, scaling)
     idx, ok = select(pooled, params, positions, valid)  # (B, H_kv, n)
     n = idx.shape[-1]
     if keys is not None:
@@ -176,7 +206,10 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
         cos = cos_table.index_select(0, pos).view(b, hkv, n, d)
         sin = sin_table.index_select(0, pos).view(b, hkv, n, d)
         k_sel = rope(k_pre, cos, sin)
-    v_sel = gather_heads(values, idx, buffers.get("v", (b, hkv, n, d), values.dtype, values.device))
+    if isinstance(values, PackedValues):
+        v_sel = values.gather(idx, q.dtype, buffers)
+    else:
+        v_sel = gather_heads(values, idx, buffers.get("v", (b, hkv, n, d), values.dtype, values.device))
     out = grouped_attention(q_g, k_sel.to(q.dtype), v_sel, scaling, selected_valid(valid, idx, ok))  # (B, H_kv, G, D)
     return out.reshape(b, h, 1, d).transpose(1, 2), idx
 

@@ -1,0 +1,212 @@
+"""``compactlm bench decode-attention``: ATTN-decode (PROTOCOL.md) for SALS and the decode baselines.
+
+One new query token against a cache of L tokens, batch 1, 32 query heads / 8 KV heads / head dim 128, random
+inputs drawn fresh per length. The dense baseline is the faster of SDPA and a grouped matmul-softmax-matmul
+that never materialises the GQA repeat. Each method reports ms, the dense baseline's ms and name, their
+ratio, the ideal ratio (dense KV bytes / bytes the method must read) and the achieved fraction of it, at the
+process's thread count and at one thread. Also ``compactlm sals calibrate MODEL --out PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .common import add_common, emit_json, print_table
+
+METHODS = ("sals", "sals-index", "sals-index-mean", "quest", "streaming", "oracle")
+
+
+def parse_lengths(text: str) -> list[int]:
+    out = []
+    for tok in text.split(","):
+        t = tok.strip().lower()
+        try:
+            out.append(int(float(t[:-1]) * 1024) if t.endswith("k") else int(t))
+        except ValueError:
+            raise ConfigError(f"--lengths: {tok!r} is not a length (e.g. 4k,16k or 4096)") from None
+    if not out or min(out) < 256:
+        raise ConfigError(f"--lengths needs lengths ≥ 256, got {text!r}")
+    return out
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, rank: float, seed: int):
+    from ..attention.selection import page_minmax
+    from ..kernels.sparse_decode import DecodeBuffers, SelectParams
+
+    g = torch.Generator().manual_seed(seed + length)
+    r = int(kv_heads * d * rank)
+    c: dict[str, Any] = {
+        "q": torch.randn(1, heads, 1, d, generator=g).to(dtype),
+        "k": torch.randn(1, kv_heads, length, d, generator=g).to(dtype),
+        "v": torch.randn(1, kv_heads, length, d, generator=g).to(dtype),
+        "latent": torch.randn(1, length, r, generator=g).to(dtype),
+        "proj": torch.linalg.qr(torch.randn(kv_heads * d, r, generator=g))[0].reshape(kv_heads, d, r).to(dtype),
+        "pos": torch.arange(length, dtype=torch.int32)[None],
+        "r": r, "r_star": r // 2, "buffers": DecodeBuffers(),
+        "params": SelectParams(k=length // 8, sink=16, recent=64),
+    }
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(length + 1).float()[:, None] * inv[None]
+    ang = torch.cat([ang, ang], -1)
+    c["cos"], c["sin"] = ang.cos().to(dtype), ang.sin().to(dtype)
+    c["kmin"], c["kmax"] = (t.to(dtype) for t in page_minmax(c["k"], 16))
+    return c
+
+
+def _method_fn(name: str, c: dict[str, Any], scaling: float) -> Callable[[], Any]:
+    from ..attention.selection import blocks_to_tokens, quest_bounds, streaming_tokens, topk_tokens
+    from ..kernels.sparse_decode import sals_decode, sparse_gather_decode
+
+    q, k, v, p, buf = c["q"], c["k"], c["v"], c["params"], c["buffers"]
+    b, h, _, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    qc, qs = c["cos"][-1:][None], c["sin"][-1:][None]
+    if name.startswith("sals"):
+        keys = k if name.startswith("sals-index") else None
+        if name.endswith("-mean"):
+            p = dataclasses.replace(p, pool="mean")
+        return lambda: sals_decode(q, qc, qs, c["latent"], v, c["pos"], c["proj"], c["r_star"], c["cos"], c["sin"],
+                                   p, scaling, keys=keys, buffers=buf)
+    if name == "streaming":
+        idx = streaming_tokens(length, p.sink, p.k + p.recent, b, hkv)
+        return lambda: sparse_gather_decode(q, k, v, idx, scaling, buffers=buf)
+    if name == "oracle":
+        def oracle():
+            s = torch.matmul(q.view(b, hkv, h // hkv, d), k.transpose(-1, -2)).amax(2)
+            return sparse_gather_decode(q, k, v, topk_tokens(s, p.k, p.sink, p.recent), scaling, buffers=buf)
+        return oracle
+
+    def quest():  # page bounds are kept by the cache, as in Quest; choosing pages is timed
+        bound = quest_bounds(q.view(b, hkv, h // hkv, d), c["kmin"], c["kmax"]).amax(2)
+        chosen = bound.topk(-(-p.k // 16), dim=-1, sorted=False).indices
+        idx, _ = blocks_to_tokens(chosen, 16, length)
+        return sparse_gather_decode(q, k, v, idx, scaling, buffers=buf)
+    return quest
+
+
+def _ideal(name: str, c: dict[str, Any]) -> float:
+    k, p = c["k"], c["params"]
+    hkv, length, d = k.shape[1], k.shape[2], k.shape[3]
+    e = k.element_size()
+    n = min(length, p.k + p.sink + p.recent)
+    dense = 2 * hkv * length * d * e
+    read = {
+        "sals": length * c["r_star"] * e + hkv * n * (c["r"] + d) * e + hkv * n * 4,
+        "sals-index": length * c["r_star"] * e + hkv * n * 2 * d * e,
+        "sals-index-mean": length * c["r_star"] * e + hkv * n * 2 * d * e,
+        "quest": 2 * hkv * (length // 16) * d * e + hkv * (-(-p.k // 16) * 16) * 2 * d * e,
+        "streaming": hkv * n * 2 * d * e,
+        "oracle": hkv * length * d * e + hkv * n * d * e,
+    }[name]
+    return dense / read
+
+
+def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeats: int,
+              threads: list[int]) -> list[dict[str, Any]]:
+    from ..kernels.sparse_decode import dense_grouped_decode
+    from ..utils import progress
+
+    heads, kv_heads, d = 32, 8, 128
+    scaling = d ** -0.5
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for length in progress(lengths, desc="ATTN-decode"):
+            c = _case(length, dtype, heads, kv_heads, d, 0.25, seed=0)
+            for nt in threads:
+                torch.set_num_threads(nt)
+                q, k, v = c["q"], c["k"], c["v"]
+                sdpa_ms = _time(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, scale=scaling, enable_gqa=True), repeats)
+                grouped_ms = _time(lambda q=q, k=k, v=v: dense_grouped_decode(q, k, v, scaling), repeats)
+                dense_ms, impl = min((sdpa_ms, "sdpa"), (grouped_ms, "grouped"))
+                for m in methods:
+                    ms = _time(_method_fn(m, c, scaling), repeats)
+                    ideal = _ideal(m, c)
+                    rows.append({"method": m, "length": length, "threads": nt, "ms": ms, "dense_ms": dense_ms,
+                                 "dense_impl": impl, "sdpa_ms": sdpa_ms, "grouped_ms": grouped_ms,
+                                 "ratio": dense_ms / ms, "ideal_ratio": ideal, "achieved": dense_ms / ms / ideal})
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..utils import machine_info, parse_dtype
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    if args.repeats < 10:
+        raise ConfigError("--repeats must be ≥ 10 (ATTN-decode takes the median of at least 10 timed runs)")
+    dtype = parse_dtype(args.dtype)
+    threads = sorted({torch.get_num_threads(), 1}, reverse=True) if args.threads is None else [args.threads]
+    rows = run_bench(parse_lengths(args.lengths), methods, dtype, args.repeats, threads)
+    print_table(rows, ["method", "length", "threads", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio",
+                       "achieved"])
+    emit_json(args.json, {"protocol": "ATTN-decode", "shapes": {"heads": 32, "kv_heads": 8, "head_dim": 128,
+                                                                "batch": 1},
+                          "budget": "keep L/8 + sink 16 + recent 64; SALS rank 25% (r=256), r*=128; Quest page 16",
+                          "results": rows, "machine": machine_info(dtype)})
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ..attention.sals_calib import calibrate_sals, save_projections
+    from ..data import calibration_set
+    from ..models import load
+    from ..utils import parse_dtype
+
+    model, tok = load(args.model, dtype=parse_dtype(args.dtype))
+    if tok is None:
+        raise ConfigError(f"{args.model} has no tokenizer; SALS calibration needs CALIB-pg-512 text")
+    calib = calibration_set(tok, "essays", nsamples=args.nsamples, seqlen=512, seed=0)
+    meta = {"model": args.model, "calibration": f"CALIB-pg-512 ({args.nsamples}x512)"}
+    proj = calibrate_sals(model, calib, meta=meta)
+    path = save_projections(proj, args.out)
+    width = proj.width
+    rows = [{"layer": i, "energy_r25": proj.energy(i, width // 4), "energy_r12.5": proj.energy(i, width // 8)}
+            for i in range(proj.eigvecs.shape[0])]
+    print_table(rows)
+    print(f"saved {path}")
+    emit_json(args.json, {"projections": str(path), "layers": rows})
+    return 0
+
+
+def register(groups: dict[str, Any]) -> None:
+    p = groups["bench"].add_parser("decode-attention", help="ATTN-decode: SALS and baselines vs the best dense decode")
+    add_common(p, model=False)
+    p.add_argument("--lengths", default="4k,16k,32k,64k", help="cache lengths, e.g. 4k,16k,32k,64k")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default, as PROTOCOL asks where the CPU has it) or fp32")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per figure (median; ≥ 10)")
+    p.add_argument("--threads", type=int, default=None, help="one thread count (default: current and 1)")
+    p.set_defaults(func=_bench)
+
+    sals = groups[""].add_parser("sals", help="SALS tools (calibrate the latent projections)")
+    sub = sals.add_subparsers(dest="sals_command", required=True, metavar="ACTION")
+    c = sub.add_parser("calibrate", help="calibrate per-layer key projections on CALIB-pg-512 and save them")
+    add_common(c)
+    c.add_argument("--out", required=True, help="a .safetensors path or a model folder")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences of 512 tokens (default 128)")
+    c.set_defaults(func=_calibrate)
