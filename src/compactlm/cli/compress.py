@@ -17,6 +17,9 @@ def register(groups) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the measurements (report.json holds the run only)")
     p.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoints (DIR.partial)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="override the recipe's calibration sequences")
+    p.add_argument("--ppl-windows", type=int, metavar="N", help="override the PPL-wiki-512 windows (40 = -q, 0 = skip)")
+    p.add_argument("--ruler-samples", type=int, metavar="N", help="override RULER-syn samples per task (0 = skip)")
     p.add_argument("--validate-only", action="store_true", help="check the recipe and stop")
     p.set_defaults(func=run)
     lst = groups[""].add_parser("recipes", help="list the shipped recipes and their steps")
@@ -35,12 +38,13 @@ def list_recipes(args) -> int:
 def run(args) -> int:
     from ..errors import ConfigError
     from ..pipeline import compress_to_folder
-    from ..recipes import load_recipe
+    from ..recipes import load_recipe, with_overrides
     from ..report.html import summary_rows
 
     if not args.recipe:
         raise ConfigError("--recipe is required: a shipped name (compactlm recipes lists them) or a YAML file")
-    recipe = load_recipe(args.recipe)  # validated before anything is loaded
+    recipe = with_overrides(load_recipe(args.recipe), args.calib_samples, args.ppl_windows,
+                            args.ruler_samples)  # validated before anything is loaded
     print(f"recipe {recipe.name}: " + " -> ".join(type(s).__name__ for s in recipe.steps))
     if args.validate_only:
         return 0

@@ -149,6 +149,19 @@ class Recipe:
                       evaluate=_section(Evaluate, data.get("evaluate"), "evaluate"))
 
 
+def with_overrides(recipe: Recipe, calib_samples: int | None = None, ppl_windows: int | None = None,
+                   ruler_samples: int | None = None) -> Recipe:
+    """The recipe with its calibration size or evaluation budget changed (the CLI's quick-run flags)."""
+    cal, ev = recipe.calibration, recipe.evaluate
+    if calib_samples is not None:
+        cal = dataclasses.replace(cal, nsamples=calib_samples)
+    if ppl_windows is not None:
+        ev = dataclasses.replace(ev, ppl_windows=ppl_windows)
+    if ruler_samples is not None:
+        ev = dataclasses.replace(ev, ruler_samples=ruler_samples)
+    return dataclasses.replace(recipe, calibration=cal, evaluate=ev)
+
+
 def _section(cls: type, data: Any, what: str) -> Any:
     if data is None:
         return cls()
@@ -201,4 +214,4 @@ def load_recipe(spec: str) -> Recipe:
 
 
 __all__ = ["ALIASES", "STAGES", "Calibration", "Evaluate", "Export", "Recipe", "load_recipe", "parse_recipe",
-           "shipped_recipes"]
+           "shipped_recipes", "with_overrides"]
