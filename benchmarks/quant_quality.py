@@ -1,0 +1,95 @@
+"""Quality and cost of RTN / GPTQ / APTQ on the default model: PPL-wiki-512(-q) with CALIB-pg-512(-q).
+
+Every setting is run in this one process, side by side, on the same calibration and evaluation
+windows; each row is appended to the JSON result as soon as it is measured (a long run that is cut
+short still leaves its finished rows, marked ``complete: false``).
+
+    .venv/bin/python benchmarks/quant_quality.py --quick \
+        --settings base,rtn:3,gptq:3,aptq:3.0,rtn:4,gptq:4,aptq:2.5,rtn:2,gptq:2 \
+        --json benchmarks/results/quant/quality_quick.json
+
+``--quick`` = 32 calibration sequences (CALIB-pg-512-q) and 40 windows (PPL-wiki-512-q); the full
+protocol is 128 and 200. Settings: ``base``, ``rtn:B``, ``gptq:B``, ``aptq:AVG`` (menu 2/4); all g64,
+asymmetric, fp32. Wall time and peak RSS are per setting (RSS is the process peak so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import torch
+
+import compactlm
+from compactlm.data import calibration_set, eval_windows
+from compactlm.evaluation import perplexity
+from compactlm.quant import APTQ, GPTQ, RTN, quant_summary
+from compactlm.utils import machine_info, peak_rss_mib, write_json_atomic
+
+
+def make_config(setting: str, group_size: int):
+    kind, _, value = setting.partition(":")
+    if kind == "rtn":
+        return RTN(bits=int(value), group_size=group_size)
+    if kind == "gptq":
+        return GPTQ(bits=int(value), group_size=group_size)
+    if kind == "aptq":
+        return APTQ(avg_bits=float(value), group_size=group_size)
+    if kind == "aptqplain":  # ablation: APTQ allocation with plain GPTQ Hessians for q/k/v
+        return APTQ(avg_bits=float(value), group_size=group_size, attention_aware=False)
+    raise SystemExit(f"unknown setting {setting!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default="base,rtn:3,gptq:3,aptq:3.0")
+    p.add_argument("--quick", action="store_true", help="32 calibration sequences, 40 windows")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    nsamples, windows = (32, 40) if args.quick else (128, 200)
+    model, tok = compactlm.models.load(args.model)
+    calib = calibration_set(tok, "essays", nsamples=nsamples, seqlen=512)
+    ids = eval_windows(tok, "wiki", 512, windows)
+    result = {"benchmark": "quant_quality", "model": args.model,
+              "protocol": {"ppl": "PPL-wiki-512-q" if args.quick else "PPL-wiki-512",
+                           "calibration": f"CALIB-pg-512{'-q' if args.quick else ''} ({nsamples} x 512)"},
+              "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+              "machine": {**machine_info(torch.float32), "note": "shared 2-core machine, heavily loaded by other "
+                          "engineers' jobs during the run (load average ~20): wall times are upper bounds"},
+              "rows": [], "complete": False}
+    del model
+    for setting in args.settings.split(","):
+        model, _ = compactlm.models.load(args.model)
+        gc.collect()
+        row = {"setting": setting}
+        if setting != "base":
+            cfg = make_config(setting, args.group_size)
+            start = time.perf_counter()
+            report: dict = {}
+            compactlm.quantize(model, cfg, calib=None if isinstance(cfg, RTN) else calib, report=report)
+            row["quantize_seconds"] = time.perf_counter() - start
+            s = quant_summary(model)
+            row.update(config=cfg.to_dict(), avg_bits=s["avg_bits"], avg_bits_with_metadata=s["avg_bits_with_metadata"],
+                       model_MiB=s["model_bytes"] / 2**20, damp_retries=sum(r.get("damp_retries", 0)
+                                                                          for r in report.get("layers", [])))
+            if "allocation" in report:
+                row["bits_per_layer"] = report["allocation"]
+        start = time.perf_counter()
+        r = perplexity(model, input_ids=ids, show_progress=False)
+        row.update(ppl=r.ppl, tokens=r.tokens, eval_seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib())
+        print(f"{setting}: ppl {r.ppl:.3f} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()
+                                                          if isinstance(v, float) and k != "ppl"), flush=True)
+        result["rows"].append(row)
+        write_json_atomic(args.json, result)
+        del model
+    result["complete"] = True
+    write_json_atomic(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
