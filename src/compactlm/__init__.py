@@ -13,6 +13,8 @@ from . import config, data, evaluation, models
 from .api import compress
 from .config import BaseConfig, PerLayer
 from .errors import CompactLMError
+from .api import compress as quantize  # noqa: F401,I001  (weight quantization alias, issue 3)
+from .quant.serialize import save  # noqa: F401  (compactlm.save; registers the packed-folder loader)
 from .inspector import inspect  # noqa: F401  (compactlm.inspect; the package is named inspector)
 from .kv import KVQuant, kv_cache
 

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "compactlm.cli.info",
     "compactlm.cli.eval_ppl",
     "compactlm.cli.demo",
+    "compactlm.cli.quantize",
     "compactlm.cli.inspect_cmd",
     "compactlm.cli.generate",
     "compactlm.cli.eval_long",
