@@ -218,3 +218,38 @@ def test_method_registry_and_options(tiny_llama):
         config_from_options({"keep": "0.5"})
     with pytest.raises(ConfigError, match="not a number"):
         config_from_options({"keep_ratio": "a quarter"})
+
+
+def test_captured_mass_matches_brute_force():
+    from compactlm.attention.prefill_profile import captured_mass, kept_key_blocks
+
+    q, k = qk(q_len=200, kv_len=264, seed=7)
+    cfg = SparsePrefillConfig(**SMALL, keep_ratio=0.3)
+    layout = select_blocks(q, k, cfg)
+    got = captured_mass(q, k, layout, 0.25, rows=64)
+    s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25  # (1, 4, 200, 264)
+    pos = torch.arange(200) + 64
+    probs = torch.softmax(s.masked_fill(torch.arange(264)[None, :] > pos[:, None], -math.inf), -1)
+    keep = kept_key_blocks(layout)[:, :, (torch.arange(200) + layout.pad) // 16][..., torch.arange(264) // 16]
+    assert got == pytest.approx(float((probs * keep.repeat_interleave(2, 1)).sum() / (4 * 200)), rel=1e-5)
+    assert 0.3 < got < 1.0
+
+
+def test_profile_layers_proposes_dense_fallback(tiny_llama):
+    from compactlm.attention.prefill_profile import profile_layers
+    from compactlm.errors import CalibrationError
+
+    batches = [torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    full = profile_layers(tiny_llama, batches, SparsePrefillConfig(**SMALL, keep_ratio=1.0))
+    assert full.mass == pytest.approx((1.0, 1.0)) and full.proposed == ()
+    cfg = SparsePrefillConfig(**SMALL, keep_ratio=0.1)
+    prof = profile_layers(tiny_llama, batches, cfg, min_mass=0.999)
+    assert all(m < 0.999 for m in prof.mass) and prof.proposed == (0, 1)
+    assert all(f < 1.0 for f in prof.block_fraction)
+    assert prof.with_fallback(cfg).dense_layers == (0, 1)
+    worst = profile_layers(tiny_llama, batches, cfg, min_mass=0.999, max_layers=1)
+    assert worst.proposed == (int(min(range(2), key=lambda i: prof.mass[i])),)
+    with pytest.raises(ConfigError, match="min_mass"):
+        profile_layers(tiny_llama, batches, cfg, min_mass=0.0)
+    with pytest.raises(CalibrationError, match="at least one"):
+        profile_layers(tiny_llama, [], cfg)

@@ -90,50 +90,76 @@ SparsePrefill = SparsePrefillConfig  # the short name used in ``sparse_attention
 # --- block scores -----------------------------------------------------------------------------------------
 
 def _grouped(x: torch.Tensor, front: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (B, H, T, D) into groups of ``size`` after ``front`` empty rows: (B, H, N, size, D), valid (N, size)."""
+    """Zero-pad (B, H, T, D) into groups of ``size`` after ``front`` empty rows: (B, H, N, size, D), counts (N,)."""
     t = x.shape[2]
     n = -(-(front + t) // size)
-    xp = torch.nn.functional.pad(x, (0, 0, front, n * size - front - t))
-    valid = torch.zeros(n * size, dtype=torch.bool, device=x.device)
-    valid[front:front + t] = True
-    return xp.view(*x.shape[:2], n, size, x.shape[-1]), valid.view(n, size)
+    if front or n * size != t:  # pad only when needed: this is on the hot path at 32K tokens
+        x = torch.nn.functional.pad(x, (0, 0, front, n * size - front - t))
+    rows = torch.arange(n * size, device=x.device)
+    counts = ((rows >= front) & (rows < front + t)).view(n, size).sum(-1)
+    return x.view(*x.shape[:2], n, size, x.shape[-1]), counts
 
 
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    w = valid.to(x.dtype)[..., None]  # (N, size, 1)
-    return (x * w).sum(-2) / w.sum(-2).clamp_min(1)
+def _mean(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    # Padded rows are zeros, so the sum over a group is the sum over its real rows; accumulate in fp32.
+    return x.sum(-2, dtype=torch.float32) / counts.clamp_min(1)[:, None].float()
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, scale: float) -> torch.Tensor:
     """Estimated log attention mass (B, H, NG, NK) of each KV block for each query group, per query head."""
-    group = q.shape[1] // k.shape[1]
-    q_len, kv_len = q.shape[2], k.shape[2]
+    bsz, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
     front = (kv_len - q_len) % cfg.share_len
-    qg, qvalid = _grouped(q.float(), front, cfg.share_len)  # (B, H, NG, L, D)
-    kb, kvalid = _grouped(k.float(), 0, cfg.block_size)  # (B, Hk, NK, blk, D)
-    kb = kb.repeat_interleave(group, 1)  # (B, H, NK, blk, D)
-    q_mean = _masked_mean(qg, qvalid)  # (B, H, NG, D)
-    k_mean = _masked_mean(kb, kvalid)  # (B, H, NK, D)
-    if cfg.score == "mean":
-        return q_mean @ k_mean.transpose(-1, -2) * scale
-    if cfg.score == "quest":
-        k_max = kb.masked_fill(~kvalid[..., None], -math.inf).amax(-2)  # (B, H, NK, D)
-        k_min = kb.masked_fill(~kvalid[..., None], math.inf).amin(-2)
-        return (q_mean.clamp_min(0) @ k_max.transpose(-1, -2) + q_mean.clamp_max(0) @ k_min.transpose(-1, -2)) * scale
     if cfg.score == "vertical_slash":
         return _vertical_slash(q, k, cfg, scale, front)
-    per_group = q.shape[0] * q.shape[1] * max(cfg.share_len * kb.shape[2], kb.shape[2] * cfg.block_size)
+    qg, q_counts = _grouped(q, front, cfg.share_len)  # (B, H, NG, L, D)
+    kb, k_counts = _grouped(k, 0, cfg.block_size)  # (B, Hk, NK, blk, D)
+    ng, nk = qg.shape[2], kb.shape[2]
+    # Query heads of one KV head share its keys: (B, Hk, G, ...) against (B, Hk, 1, ...), never repeating keys.
+    q_mean = _mean(qg, q_counts).view(bsz, kv_heads, group, ng, dim)
+    k_mean = _mean(kb, k_counts)[:, :, None]  # (B, Hk, 1, NK, D)
+    if cfg.score == "mean":
+        return (q_mean @ k_mean.transpose(-1, -2) * scale).view(bsz, heads, ng, nk)
+    if cfg.score == "quest":
+        kf = kb.float()
+        ragged = k_counts[-1] < cfg.block_size
+        k_max = (kf.masked_fill(_tail_pad(k_counts, cfg.block_size)[..., None], -math.inf) if ragged else kf).amax(-2)
+        k_min = (kf.masked_fill(_tail_pad(k_counts, cfg.block_size)[..., None], math.inf) if ragged else kf).amin(-2)
+        bound = (q_mean.clamp_min(0) @ k_max[:, :, None].transpose(-1, -2)
+                 + q_mean.clamp_max(0) @ k_min[:, :, None].transpose(-1, -2))
+        return (bound * scale).view(bsz, heads, ng, nk)
+    per_group = bsz * heads * max(cfg.share_len * nk, kv_len)
     chunk = max(1, 2**24 // per_group)  # at most ~64 MiB of fp32 scores at a time
     out = []
-    for g0 in range(0, qg.shape[2], chunk):  # bounded memory: a few groups at a time
-        if cfg.score == "max":
-            s = qg[:, :, g0:g0 + chunk] @ k_mean[:, :, None].transpose(-1, -2) * scale  # (B, H, c, L, NK)
-            out.append(s.masked_fill(~qvalid[g0:g0 + chunk, :, None], -math.inf).amax(-2))
-        else:  # lse
-            s = q_mean[:, :, g0:g0 + chunk] @ kb.flatten(2, 3).transpose(-1, -2) * scale  # (B, H, c, NK*blk)
-            s = s.unflatten(-1, kb.shape[2:4]).masked_fill(~kvalid, -math.inf)
-            out.append(torch.logsumexp(s, -1))
+    if cfg.score == "max":
+        q_valid = _front_pad(q_counts, front, cfg.share_len)  # (NG, L) rows that are real queries
+        kmT = k_mean.transpose(-1, -2)  # (B, Hk, 1, D, NK)
+        for g0 in range(0, ng, chunk):
+            qc = qg[:, :, g0:g0 + chunk].float().view(bsz, kv_heads, group, -1, dim)  # (B, Hk, G, c*L, D)
+            s = (qc @ kmT).view(bsz, heads, -1, cfg.share_len, nk) * scale
+            out.append(s.masked_fill(~q_valid[g0:g0 + chunk, :, None], -math.inf).amax(-2))
+        return torch.cat(out, 2)
+    # lse: log-sum-exp over each block's keys of the mean query's scores = log of its unnormalised mass
+    kT = k.float().transpose(-1, -2)[:, :, None]  # (B, Hk, 1, D, Tk)
+    pad = nk * cfg.block_size - kv_len
+    for g0 in range(0, ng, chunk):
+        s = q_mean[:, :, :, g0:g0 + chunk] @ kT * scale  # (B, Hk, G, c, Tk)
+        if pad:
+            s = torch.nn.functional.pad(s, (0, pad), value=-math.inf)
+        out.append(torch.logsumexp(s.unflatten(-1, (nk, cfg.block_size)), -1).flatten(1, 2))
     return torch.cat(out, 2)
+
+
+def _tail_pad(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size) True where a row is end padding (groups/blocks are filled from the front, except the first)."""
+    return torch.arange(size, device=counts.device)[None, :] >= counts[:, None]
+
+
+def _front_pad(counts: torch.Tensor, front: int, size: int) -> torch.Tensor:
+    """(N, size) True for real rows: ``front`` empty rows lead the first group, end padding trails the last."""
+    rows = torch.arange(counts.shape[0] * size, device=counts.device)
+    return ((rows >= front) & (rows < front + int(counts.sum()))).view(-1, size)
 
 
 def _vertical_slash(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, scale: float,

@@ -204,7 +204,8 @@ def flex_block_mask(layout: BlockLayout, heads: int):
     return BlockMask.from_kv_blocks(
         torch.ones_like(counts), part_idx.contiguous(), (counts - 1).contiguous(), full_idx.contiguous(),
         BLOCK_SIZE=layout.block, mask_mod=_causal_mask_mod(offset),
-        seq_lengths=(nqb * layout.block, nkb * layout.block))
+        seq_lengths=(nqb * layout.block, nkb * layout.block),
+        compute_q_blocks=False)  # the transposed (backward) indices cost more than the selection; no backward here
 
 
 def block_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
