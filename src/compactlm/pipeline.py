@@ -148,6 +148,11 @@ def resolve_runtime(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None
                                       meta={"calibration": recipe.calibration.protocol})
                 save_projections(proj, path)
             cfg = dataclasses.replace(cfg, projections=str(path))
+        if isinstance(cfg, SALSConfig):
+            from .models import get_adapter
+            from .recipes.runtime import sals_with_kv_values
+
+            cfg = sals_with_kv_values(cfg, recipe.kv, get_adapter(model).head_dim)  # explicit in recipe.yaml
         steps.append(cfg)
     return dataclasses.replace(recipe, steps=tuple(steps))
 

@@ -7,8 +7,8 @@ the one a recipe describes:
 - attention steps alone: ``sparse_attention(model, prefill_cfg, decode_cfg)``.
 - KV step + a decode method that keeps its own cache layers (SALS's latent keys): a *hybrid* cache. SALS
   leaves its dense layers (``dense_first``/``dense_last``) as ordinary caches; those layers get the
-  quantized KV layers, the sparse layers SALS's latent layers. (SALS does not quantize its own values,
-  so the two compose by layer, not inside one layer.)
+  quantized KV layers, the sparse layers SALS's latent layers, whose values SALS stores at the KV step's
+  bits (``value_bits``, unless the SALS step sets its own).
 - KV step + a decode method that reads ordinary keys (Quest, StreamingLLM) or a prefill config: the
   quantized cache without fused attention, so the attention method sees the keys it returns.
 """
@@ -35,6 +35,13 @@ def _sals_parts(model: nn.Module, cfg: Any) -> tuple[Any, ...]:
     return adapter, projections_for(model, cfg.projections), RopeTable(adapter), cfg.sparse_layers(adapter.num_layers)
 
 
+def sals_with_kv_values(sals: Any, kv: Any, head_dim: int) -> Any:
+    """SALS with the KV step's value bits on its own layers (its keys are latent; its values follow the KV step)."""
+    if kv is None or sals.value_bits is not None:
+        return sals
+    return dataclasses.replace(sals, value_bits=kv.bits, value_group=kv.value_group(head_dim))
+
+
 def recipe_method(model: nn.Module, recipe: Any, name: str | None = None) -> RuntimeMethod:
     """The RuntimeMethod of ``recipe``'s KV and attention steps on ``model`` (FULL when it has none)."""
     from transformers import DynamicCache
@@ -52,7 +59,12 @@ def recipe_method(model: nn.Module, recipe: Any, name: str | None = None) -> Run
         return FULL
     label = name or "+".join(type(c).__name__ for c in ([kv] if kv else []) + attn)
     kv_plain = dataclasses.replace(kv, fused_attention=False) if kv is not None and attn else kv
-    sals = decode_cfg if isinstance(decode_cfg, SALSConfig) else None
+    from ..models import get_adapter
+
+    head_dim = get_adapter(model).head_dim
+    sals = sals_with_kv_values(decode_cfg, kv, head_dim) if isinstance(decode_cfg, SALSConfig) else None
+    if sals is not None:
+        attn = [sals if c is decode_cfg else c for c in attn]
     parts = _sals_parts(model, sals) if sals is not None else None
 
     def make_cache(model: nn.Module, prefill_cache: Any) -> Any:
