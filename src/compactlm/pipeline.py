@@ -253,3 +253,27 @@ def load_compressed(folder: str | os.PathLike[str], dtype: str | None = None) ->
     recipe = Recipe.from_dict(data)
     model, tok = load(str(folder / "model"), dtype=dtype or "fp32")
     return model, tok, recipe_method(model, recipe)
+
+
+DEMO_RECIPE = "aptq-2.5bit+kv4+sals"
+
+
+def step_pipeline(ctx: Any) -> list[dict[str, Any]]:
+    """Demo step ``pipeline``: ``compactlm compress MODEL --recipe aptq-2.5bit+kv4+sals`` then the report.
+
+    Writes ``$COMPACTLM_DEMO_OUT`` (default ``demo-out``)/``<recipe>``; an interrupted demo resumes there.
+    """
+    from .cli.common import print_table
+    from .report.html import summary_rows
+
+    out = Path(os.environ.get("COMPACTLM_DEMO_OUT", "demo-out")) / DEMO_RECIPE
+    start = time.perf_counter()
+    report = compress_to_folder(ctx.model_spec, DEMO_RECIPE, out, overwrite=True,
+                                log=lambda m: print(m, flush=True))
+    rows = summary_rows(report)
+    print_table(rows)
+    print(f"report: {out / 'report.html'}")
+    seconds = time.perf_counter() - start
+    return [{"step": "pipeline", "method": r["model"], "ppl_wiki_512_q": r["ppl"], "weights_MiB": r["weights_MiB"],
+             "kv_B_per_token": r["kv_B_per_token"], "ruler": r["ruler"], "seconds": seconds if k == len(rows) - 1
+             else None} for k, r in enumerate(rows)]
