@@ -1,0 +1,87 @@
+"""PPL-wiki-512 of the default model after pruning, one method and one setting per invocation.
+
+    python benchmarks/prune_ppl.py --method barber --init wanda --sparsity 0.5 --calib-samples 32 --windows 40
+
+writes ``benchmarks/results/prune/<tag>/<setting>_<method>.json`` (``--method dense`` measures the
+unpruned model the same way). ``benchmarks/prune_summary.py`` gathers a tag's files into one table.
+Quick variant: 32 calibration sequences (CALIB-pg-512-q) and 40 windows (PPL-wiki-512-q); full: 128 / 200.
+Each method runs in its own process so that peak RSS is the method's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def build_config(args):
+    from compactlm.prune import METHODS
+
+    spec = {"pattern": args.pattern} if args.pattern else {"sparsity": args.sparsity}
+    if args.method == "barber":
+        return METHODS["barber"](init=METHODS[args.init](**spec), rebuild_ratio=args.rebuild_ratio, group=args.group)
+    return METHODS[args.method](**spec)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", required=True, choices=["dense", "magnitude", "wanda", "sparsegpt", "barber"])
+    p.add_argument("--init", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", type=float, default=None)
+    p.add_argument("--pattern", default=None)
+    p.add_argument("--rebuild-ratio", type=float, default=0.01)
+    p.add_argument("--group", default="row")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="quick")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import compactlm
+    from compactlm.data import calibration_set
+    from compactlm.evaluation import perplexity
+    from compactlm.utils import machine_info, peak_rss_mib, set_quiet, write_json_atomic
+
+    set_quiet(True)
+    model, tok = compactlm.models.load(args.model, dtype="fp32")
+    setting = args.pattern or f"{round(100 * (args.sparsity if args.sparsity is not None else 0.5))}pct"
+    method = args.method if args.method != "barber" else f"barber-{args.init}"
+    record = {"model": args.model, "method": method, "setting": setting,
+              "calibration": f"CALIB-pg-512{'' if args.calib_samples == 128 else '-q'} ({args.calib_samples} x 512)"}
+    if args.method != "dense":
+        config = build_config(args)
+        calib = calibration_set(tok, "essays", nsamples=args.calib_samples, seqlen=512, seed=0)
+        start = time.perf_counter()
+        report = compactlm.prune(model, config, calib=calib)
+        record.update(config=config.to_dict(), prune_seconds=time.perf_counter() - start,
+                      overall_sparsity=report.overall_sparsity,
+                      min_layer_sparsity=min(report.sparsity.values()),
+                      max_layer_sparsity=max(report.sparsity.values()))
+        if args.method == "barber":
+            record["swaps"] = sum(sum(r["swaps"].values()) for r in report.layer_records)
+            record["reverted_blocks"] = sum(len(r.get("reverted", [])) for r in report.layer_records)
+    record["peak_rss_mib_after_prune"] = peak_rss_mib()
+    start = time.perf_counter()
+    result = perplexity(model, tok, windows=args.windows, show_progress=False)
+    record.update(ppl=result.ppl, protocol=result.protocol, tokens=result.tokens,
+                  eval_seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib(),
+                  command="python " + " ".join(shlex.quote(a) for a in sys.argv),
+                  machine={**machine_info("fp32"), "note": "2 cores shared with 5 other engineers' jobs (loaded)"})
+    out = ROOT / "results" / "prune" / args.tag / f"{setting.replace(':', 'of')}_{method}.json"
+    write_json_atomic(out, record)
+    print(f"{setting} {method}: {result.protocol} {result.ppl:.3f}  prune {record.get('prune_seconds', 0):.0f} s  "
+          f"peak RSS {record['peak_rss_mib']:.0f} MiB -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
