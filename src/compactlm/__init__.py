@@ -9,7 +9,7 @@ Public API at a glance::
 Nothing is patched at import.
 """
 
-from . import config, data, evaluation, models
+from . import config, data, evaluation, models, prune  # prune is callable: compactlm.prune(model, cfg, calib=)
 from .api import compress
 from .config import BaseConfig, PerLayer
 from .errors import CompactLMError
@@ -20,5 +20,5 @@ from .kv import KVQuant, kv_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "BaseConfig", "PerLayer", "CompactLMError", "config", "data", "evaluation", "models"]
+__all__ = ["compress", "BaseConfig", "PerLayer", "CompactLMError", "config", "data", "evaluation", "models", "prune"]
 __all__ += ["KVQuant", "kv_cache"]

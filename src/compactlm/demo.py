@@ -13,6 +13,7 @@ from typing import Any
 
 from .cli.common import print_table
 from .errors import ConfigError
+from .prune.demo_step import step_prune
 from .quant.demo_step import step_quant
 
 
@@ -47,6 +48,7 @@ def step_baseline(ctx: DemoContext) -> list[dict[str, Any]]:
 STEPS: dict[str, Callable[[DemoContext], list[dict[str, Any]]]] = {
     "baseline": step_baseline,
     "quant": step_quant,
+    "prune": step_prune,
 }
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "compactlm.cli.eval_long",
     "compactlm.cli.compress",
     "compactlm.cli.report",
+    "compactlm.cli.prune",
     "compactlm.cli.bench_prefill",
 ]
 
