@@ -58,7 +58,11 @@ def check_against_model(recipe: Recipe, model: nn.Module) -> None:
 
 
 def _state_key(model_spec: str, dtype: str, recipe: Recipe) -> dict[str, Any]:
-    return {"model": model_spec, "dtype": dtype, "recipe": recipe.to_dict()}
+    return {"model": model_spec, "dtype": dtype, "recipe": _without_description(recipe.to_dict())}
+
+
+def _without_description(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k != "description"}  # prose does not change the result
 
 
 def _prepare_state(state_dir: Path, key: dict[str, Any], restart: bool) -> bool:
@@ -68,6 +72,8 @@ def _prepare_state(state_dir: Path, key: dict[str, Any], restart: bool) -> bool:
     marker = state_dir / "run.json"
     if marker.exists():
         saved = json.loads(marker.read_text())
+        if isinstance(saved.get("recipe"), dict):
+            saved["recipe"] = _without_description(saved["recipe"])
         if saved != key:
             raise ConfigError(f"{state_dir} holds an interrupted run of a different model/recipe/dtype; pass "
                               "--restart to discard it, or choose another --out")
