@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .attention.prefill_bench import step_prefill
 from .cli.common import print_table
 from .errors import ConfigError
 from .prune.demo_step import step_prune

@@ -253,3 +253,16 @@ def test_profile_layers_proposes_dense_fallback(tiny_llama):
         profile_layers(tiny_llama, batches, cfg, min_mass=0.0)
     with pytest.raises(CalibrationError, match="at least one"):
         profile_layers(tiny_llama, [], cfg)
+
+
+def test_compare_prefill_reports_both_methods_side_by_side(tiny_llama):
+    from compactlm.attention.prefill_bench import compare_prefill, timed_prefill_nll
+
+    windows = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(8))
+    nll, tokens, seconds = timed_prefill_nll(tiny_llama, windows[:1])
+    ref = torch.nn.functional.cross_entropy(tiny_llama(windows[:1]).logits[0, :-1], windows[0, 1:], reduction="sum")
+    assert tokens == 255 and seconds > 0 and nll == pytest.approx(float(ref), rel=1e-5)
+    res = compare_prefill(tiny_llama, windows, SparsePrefillConfig(**SMALL, keep_ratio=1.0), log=lambda m: None)
+    assert res["windows"] == 2 and res["tokens_scored"] == 510
+    assert res["sparse_ppl"] == pytest.approx(res["dense_ppl"], rel=1e-5)  # keep-all is exact
+    assert res["rows"][0]["sparse_block_fraction"] == 1.0

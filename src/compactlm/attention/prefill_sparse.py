@@ -101,8 +101,9 @@ def _grouped(x: torch.Tensor, front: int, size: int) -> tuple[torch.Tensor, torc
 
 
 def _mean(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    # Padded rows are zeros, so the sum over a group is the sum over its real rows; accumulate in fp32.
-    return x.sum(-2, dtype=torch.float32) / counts.clamp_min(1)[:, None].float()
+    # Padded rows are zeros, so the sum over a group is the sum over its real rows. Summing in the input
+    # dtype (torch accumulates bf16 reductions in fp32 internally) avoids an fp32 copy of all of q and k.
+    return x.sum(-2).float() / counts.clamp_min(1)[:, None].float()
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, scale: float) -> torch.Tensor:
@@ -141,13 +142,18 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, sca
             out.append(s.masked_fill(~q_valid[g0:g0 + chunk, :, None], -math.inf).amax(-2))
         return torch.cat(out, 2)
     # lse: log-sum-exp over each block's keys of the mean query's scores = log of its unnormalised mass
-    kT = k.float().transpose(-1, -2)[:, :, None]  # (B, Hk, 1, D, Tk)
+    kT = k.transpose(-1, -2)  # (B, Hk, D, Tk)
     pad = nk * cfg.block_size - kv_len
     for g0 in range(0, ng, chunk):
-        s = q_mean[:, :, :, g0:g0 + chunk] @ kT * scale  # (B, Hk, G, c, Tk)
+        qc = q_mean[:, :, :, g0:g0 + chunk].to(k.dtype)  # (B, Hk, G, c, D)
+        c = qc.shape[3]
+        # One (G*c, D) x (D, Tk) product per KV head (no broadcast copy of k), in the input dtype (bf16 runs
+        # ~2.5x faster on this CPU); the reduction in fp32.
+        s = (qc.flatten(2, 3) @ kT).float() * scale  # (B, Hk, G*c, Tk)
         if pad:
             s = torch.nn.functional.pad(s, (0, pad), value=-math.inf)
-        out.append(torch.logsumexp(s.unflatten(-1, (nk, cfg.block_size)), -1).flatten(1, 2))
+        lse = torch.logsumexp(s.unflatten(-1, (nk, cfg.block_size)), -1)  # (B, Hk, G*c, NK)
+        out.append(lse.view(bsz, heads, c, nk))
     return torch.cat(out, 2)
 
 

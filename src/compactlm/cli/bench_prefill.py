@@ -38,13 +38,15 @@ def register(groups) -> None:
     p.add_argument("--lengths", default="4k,8k,16k,32k", help="sequence lengths (default 4k,8k,16k,32k)")
     p.add_argument("--keep", type=float, default=0.25, help="keep-ratio method's budget (default 0.25; 0 = skip)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold method's score mass (default 0.9; 0 = skip)")
-    p.add_argument("--score", default="lse", help="block score mode: mean, max, lse (default), quest, vertical_slash")
+    p.add_argument("--score", default="lse", help="block score: mean, max, lse (default), quest, vertical_slash")
     p.add_argument("--share-len", type=int, default=128, help="queries sharing one block set (default 128)")
     p.add_argument("--block-size", type=int, default=64, help="KV block size in tokens (default 64)")
     p.add_argument("--heads", type=int, default=8, help="query heads (default 8, the CPU shape)")
     p.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default) or fp32")
+    p.add_argument("--dense", default="sdpa,flex",
+                   help="dense baselines to time (default sdpa,flex: the faster one is the baseline)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median; default 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: leave as is)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON (atomically)")
@@ -78,11 +80,13 @@ def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[s
     sdpa_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                          args.repeats)
     log(f"S={length}: SDPA {sdpa_ms:.1f} ms")
-    full = dense_layout(1, args.kv_heads, length, length, args.block_size)
-    full_mask = flex_block_mask(full, args.heads)
-    flex_ms = _median_ms(lambda: block_attention_flex(q, k, v, full, block_mask=full_mask), args.repeats)
-    log(f"S={length}: dense FlexAttention {flex_ms:.1f} ms")
-    dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms, "flex_dense"))
+    flex_ms = None
+    if "flex" in args.dense:
+        full = dense_layout(1, args.kv_heads, length, length, args.block_size)
+        full_mask = flex_block_mask(full, args.heads)
+        flex_ms = _median_ms(lambda: block_attention_flex(q, k, v, full, block_mask=full_mask), args.repeats)
+        log(f"S={length}: dense FlexAttention {flex_ms:.1f} ms")
+    dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms or float("inf"), "flex_dense"))
     rows = []
     with torch.no_grad():
         for name, cfg in methods.items():
@@ -110,6 +114,8 @@ def run(args) -> int:
     from ..utils import is_quiet, machine_info
 
     lengths = parse_lengths(args.lengths)
+    if not args.dense or not set(args.dense.split(",")) <= {"sdpa", "flex"}:
+        raise ConfigError(f"--dense takes sdpa, flex or sdpa,flex; got {args.dense!r}")
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     if args.heads % args.kv_heads:
