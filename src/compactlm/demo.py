@@ -50,6 +50,7 @@ STEPS: dict[str, Callable[[DemoContext], list[dict[str, Any]]]] = {
     "baseline": step_baseline,
     "quant": step_quant,
     "prune": step_prune,
+    "prefill": step_prefill,
 }
 
 
