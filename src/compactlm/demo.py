@@ -14,6 +14,7 @@ from typing import Any
 from .attention.prefill_bench import step_prefill
 from .cli.common import print_table
 from .errors import ConfigError
+from .kv.demo_step import step_kv
 from .prune.demo_step import step_prune
 from .quant.demo_step import step_quant
 
@@ -48,6 +49,7 @@ def step_baseline(ctx: DemoContext) -> list[dict[str, Any]]:
 
 STEPS: dict[str, Callable[[DemoContext], list[dict[str, Any]]]] = {
     "baseline": step_baseline,
+    "kv": step_kv,
     "quant": step_quant,
     "prune": step_prune,
     "prefill": step_prefill,

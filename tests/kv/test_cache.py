@@ -182,7 +182,8 @@ def test_kv_methods_are_registered_and_decode_quality_orders_by_bits():
     with pytest.raises(ConfigError, match="option"):
         build_method(model, "kv", "int4", {"bogus": 1})
     with pytest.raises(ConfigError, match="head dim"):
-        build_method(model, "kv", "int4", {})  # value groups of 32 channels vs head dim 16
+        build_method(model, "kv", "int4", {"value_group_size": 12})  # does not divide head dim 16
+    assert build_method(model, "kv", "int2", {}).name == "kv-int2-g32-r128"  # value groups capped at 16
 
 
 def test_config_round_trip_and_validation():
@@ -205,3 +206,29 @@ def test_sliding_window_models_are_refused():
     model = tiny_model("gemma3")
     with pytest.raises((UnsupportedArchitectureError, ConfigError)):
         QuantizedKVCache(model, KVQuant(bits=4, group_size=8))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_grouped_attention_matches_reference(masked):
+    from compactlm.kv import dense_grouped_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 6, 1, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), \
+        torch.randn(2, 2, 40, 16, generator=g)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+        mask[1, ..., :7] = False
+    ref = reference_attention(q, k, v, 0.3, mask)
+    got = dense_grouped_attention(q, k, v, 0.3, mask)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_hf_hqq_baseline_method_runs_when_hqq_is_installed():
+    pytest.importorskip("hqq")
+    model = tiny_model("llama")
+    m = build_method(model, "kv", "hf-hqq-int4", {"group_size": 16, "residual": 8})
+    res = run_ppl_decode(model, methods=[m], input_ids=_ids(1, 40), decoded=16)
+    assert abs(res.methods[m.name]["ppl"] / res.methods["full"]["ppl"] - 1) < 0.2
+    with pytest.raises(ConfigError, match="takes only"):
+        build_method(model, "kv", "hf-hqq-int2", {"bits": 3})

@@ -8,7 +8,6 @@ full-precision cache, in the same process, so the JSON always carries the refere
 from __future__ import annotations
 
 import shlex
-import sys
 
 from .common import add_common, emit_json, print_table
 
@@ -44,6 +43,16 @@ def register(groups) -> None:
     q.set_defaults(func=run_ppl_decode_cmd)
 
 
+def _command(args, name: str, options: list[str]) -> str:
+    """The command line that reproduces this run (built from the parsed arguments, not sys.argv)."""
+    parts = ["compactlm", "eval", name, args.model, "--dtype", args.dtype]
+    for opt in options:
+        value = getattr(args, opt.replace("-", "_"))
+        if value is not None:
+            parts += [f"--{opt}", str(value)]
+    return shlex.join(parts)
+
+
 def _load(args):
     from ..errors import DataError
     from ..models import load
@@ -70,7 +79,9 @@ def run_ruler_cmd(args) -> int:
     print(f"{result.protocol}: {args.model} {args.dtype}, {result.seconds:.0f} s")
     print_table(rows)
     emit_json(args.json, {"model": args.model, "dtype": args.dtype, **result.to_dict(),
-                          "command": "compactlm " + shlex.join(sys.argv[1:]), "machine": machine_info(args.dtype)})
+                          "command": _command(args, "ruler", ["kv", "attn", "lengths", "samples", "tasks", "seed",
+                                                               "max-new-tokens"]),
+                          "machine": machine_info(args.dtype)})
     return 0
 
 
@@ -89,5 +100,6 @@ def run_ppl_decode_cmd(args) -> int:
     print(f"{result.protocol}: {args.model} {args.dtype}, {result.seconds:.0f} s")
     print_table(rows)
     emit_json(args.json, {"model": args.model, "dtype": args.dtype, **result.to_dict(),
-                          "command": "compactlm " + shlex.join(sys.argv[1:]), "machine": machine_info(args.dtype)})
+                          "command": _command(args, "ppl-decode", ["kv", "attn", "windows", "window-len", "decoded"]),
+                          "machine": machine_info(args.dtype)})
     return 0

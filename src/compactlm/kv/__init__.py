@@ -7,12 +7,12 @@
 or pass ``QuantizedKVCache(model, KVQuant(...))`` as ``past_key_values=`` / ``cache=`` yourself.
 """
 
-from .attention import quantized_decode_attention, reference_attention
+from .attention import dense_grouped_attention, quantized_decode_attention, reference_attention
 from .cache import QuantizedKVCache, QuantizedKVLayer, full_cache_bytes
 from .config import KVQuant
 from .quantizer import QuantizedKV, dequantize_groups, pack_codes, quantize_groups, unpack_codes
 from .runtime import KVSession, kv_cache
 
 __all__ = ["KVQuant", "QuantizedKVCache", "QuantizedKVLayer", "KVSession", "kv_cache", "quantized_decode_attention",
-           "reference_attention", "full_cache_bytes", "QuantizedKV", "quantize_groups", "dequantize_groups",
-           "pack_codes", "unpack_codes"]
+           "reference_attention", "dense_grouped_attention", "full_cache_bytes", "QuantizedKV", "quantize_groups",
+           "dequantize_groups", "pack_codes", "unpack_codes"]

@@ -49,7 +49,7 @@ class _Online:
         p = torch.exp(scores - safe)
         corr = torch.exp(self.m - safe)
         self.s = self.s * corr + p.sum(-1, keepdim=True)
-        self.acc = self.acc * corr + p @ v.float()
+        self.acc = self.acc * corr + (p.to(v.dtype) @ v).float()
         self.m = m_new
 
     def result(self) -> torch.Tensor:
@@ -65,7 +65,8 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
     b, h, tq, d = query.shape
     hkv = layer.keys.shape[1]
     rep = h // hkv
-    q = query.reshape(b, hkv, rep * tq, d).float() * scaling  # (B, H_kv, rep·Tq, D)
+    dt = query.dtype  # chunks are dequantized to the model's dtype: half the traffic of fp32 in a bf16 model
+    q = query.reshape(b, hkv, rep * tq, d) * scaling  # (B, H_kv, rep·Tq, D)
     acc = _Online(q)
     chunk = chunk_tokens or layer.cfg.chunk_tokens
     offset = 0
@@ -75,7 +76,7 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
         n = k.shape[-2]
         if n == 0:
             return
-        scores = q @ k.float().transpose(-1, -2)  # (B, H_kv, rep·Tq, n)
+        scores = (q @ k.to(dt).transpose(-1, -2)).float()  # (B, H_kv, rep·Tq, n)
         if mask is not None:
             m = mask[:, :, :, offset: offset + n].bool()  # (B, 1, Tq, n)
             m = m.unsqueeze(2).expand(b, 1, rep, tq, n).reshape(b, 1, rep * tq, n)
@@ -86,7 +87,25 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
     segment(layer.sink_k, layer.sink_v)
     for start in range(0, layer.quantized_length, chunk):
         end = min(start + chunk, layer.quantized_length)
-        segment(layer.dequantized_keys(start, end, torch.float32), layer.qv.dequantize(torch.float32, start, end))
+        segment(layer.dequantized_keys(start, end, dt), layer.qv.dequantize(dt, start, end))
     segment(layer.keys, layer.values)
-    out = acc.result().reshape(b, h, tq, d)
+    out = acc.result().reshape(b, h, tq, d)  # softmax statistics and accumulator stay fp32
     return out.transpose(1, 2).to(query.dtype)
+
+
+def dense_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact dense attention in the grouped form (no GQA repeat): the fast dense decode baseline on CPU.
+
+    Same contract as :func:`reference_attention`; scores and softmax in fp32, matmuls in the input dtype.
+    """
+    b, h, tq, d = query.shape
+    hkv = key.shape[1]
+    rep = h // hkv
+    q = query.reshape(b, hkv, rep * tq, d)
+    scores = (q @ key.transpose(-1, -2)).float() * scaling  # (B, H_kv, rep·Tq, Tk)
+    if mask is not None:
+        m = mask.bool().unsqueeze(2).expand(b, 1, rep, tq, key.shape[-2]).reshape(b, 1, rep * tq, -1)
+        scores = scores.masked_fill(~m, float("-inf"))
+    out = torch.softmax(scores, -1).to(value.dtype) @ value  # (B, H_kv, rep·Tq, D)
+    return out.reshape(b, h, tq, d).transpose(1, 2)

@@ -60,15 +60,15 @@ class KVQuant(BaseConfig):
             raise ConfigError(f"KVQuant.chunk_tokens must be a positive multiple of group_size ({self.group_size}), "
                               f"got {self.chunk_tokens!r}")
 
-    @property
-    def value_group(self) -> int:
-        return self.value_group_size or self.group_size
+    def value_group(self, head_dim: int) -> int:
+        """Channels per value group for a model with ``head_dim`` (``group_size`` capped at the head dim)."""
+        return self.value_group_size or min(self.group_size, head_dim)
 
     def check_model(self, head_dim: int) -> None:
         """Raise ConfigError when the value groups or the bit packing do not fit ``head_dim``."""
-        if head_dim % self.value_group:
-            raise ConfigError(f"value groups of {self.value_group} channels do not divide this model's head dim "
-                              f"{head_dim}; set KVQuant(value_group_size=...) to a divisor of {head_dim}")
+        if head_dim % self.value_group(head_dim):
+            raise ConfigError(f"value groups of {self.value_group(head_dim)} channels do not divide this model's "
+                              f"head dim {head_dim}; set KVQuant(value_group_size=...) to a divisor of {head_dim}")
         if (head_dim * self.bits) % 8:
             raise ConfigError(f"head dim {head_dim} × {self.bits} bits does not pack into whole bytes")
 

@@ -119,3 +119,6 @@ def _builder(bits: int):
 
 for _bits in (2, 4, 8):
     register_method(f"kv:int{_bits}")(_builder(_bits))
+
+
+from . import hf_baseline  # noqa: E402,F401  (registers kv:hf-hqq-int2/int4, transformers' own quantized cache)

@@ -1,0 +1,123 @@
+"""KV bytes per token and decode speed at a long context: full-precision cache vs the quantized cache.
+
+Fills every layer of the default model's cache with ``--context`` tokens of random keys/values of the
+model's own shape and dtype (bytes and step cost do not depend on the values), then measures
+
+- KV bytes per token from the tensors each cache actually holds (codes, scales, zeros, window, sinks),
+  as a ratio of the bf16 full-precision cache;
+- decode tokens/s: ``--steps`` single-token forward passes of the real model after that cache, all
+  configurations timed in the same process, one after another (median step time). Two full-precision
+  baselines: the model's own attention (SDPA) and an exact grouped matmul-softmax-matmul (PROTOCOL
+  ATTN-decode: on this CPU SDPA with one query token is far slower); ratios are against the faster.
+
+    python benchmarks/kv_bytes_speed.py --context 8192 --steps 4 --threads 1 \
+        --json benchmarks/results/kv_bytes_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache
+
+from compactlm.attention.runtime import attention_override
+from compactlm.kv import KVQuant, QuantizedKVCache, dense_grouped_attention, full_cache_bytes, kv_cache
+from compactlm.models import get_adapter, load
+from compactlm.utils import machine_info, write_json_atomic
+
+CONFIGS = {
+    "int4-g32-r128": KVQuant(bits=4, group_size=32, residual=128),
+    "int2-g32-r128": KVQuant(bits=2, group_size=32, residual=128),
+    "int4-g128-r128": KVQuant(bits=4, group_size=128, residual=128, value_group_size=64),
+    "int2-g128-r128": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64),
+    "int2-g32-r128 (dequantize, no fused attention)": KVQuant(bits=2, group_size=32, residual=128,
+                                                               fused_attention=False),
+}
+
+
+def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
+    a = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    cache = DynamicCache(config=model.config)
+    for i in range(a.num_layers):
+        k = torch.randn(1, a.num_kv_heads, context, a.head_dim, generator=g).to(dtype)
+        v = torch.randn(1, a.num_kv_heads, context, a.head_dim, generator=g).to(dtype)
+        cache.update(k, v, i)
+    return cache
+
+
+@torch.no_grad()
+def time_decode(model, cache, steps: int) -> list[float]:
+    times = []
+    tok = torch.tensor([[42]])
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        model(input_ids=tok, cache=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+    return times[2:]  # two warm-up steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = load(args.model, dtype=args.dtype)
+    dtype = next(model.parameters()).dtype
+    load_before = os.getloadavg()
+    full = fill(model, args.context, dtype)
+    full_bytes = full_cache_bytes(full)
+    bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()
+    rows = [{"config": "full (DynamicCache)", "kv_bytes": full_bytes, "bytes_per_token": full_bytes / args.context,
+             "ratio_vs_bf16": full_bytes / bf16_bytes}]
+    t = time_decode(model, copy.deepcopy(full), args.steps)
+    rows[0].update(step_ms_median=1e3 * statistics.median(t), tok_per_s=1 / statistics.median(t))
+    print(f"full (SDPA): {rows[0]['tok_per_s']:.2f} tok/s", flush=True)
+
+    def grouped(module, query, key, value, attention_mask, scaling, fallback, **kw):
+        if query.shape[-2] != 1:
+            return fallback(module, query, key, value, attention_mask, scaling=scaling, **kw)
+        return dense_grouped_attention(query, key, value, scaling, attention_mask), None
+
+    with attention_override(model, {i: grouped for i in range(get_adapter(model).num_layers)}):
+        t = time_decode(model, copy.deepcopy(full), args.steps)
+    rows.append({"config": "full (DynamicCache) + grouped dense attention", "kv_bytes": full_bytes,
+                 "bytes_per_token": full_bytes / args.context, "ratio_vs_bf16": full_bytes / bf16_bytes,
+                 "step_ms_median": 1e3 * statistics.median(t), "tok_per_s": 1 / statistics.median(t)})
+    print(f"full (grouped): {rows[1]['tok_per_s']:.2f} tok/s", flush=True)
+    best = max(rows[0]["tok_per_s"], rows[1]["tok_per_s"])
+    for name, cfg in CONFIGS.items():
+        q = QuantizedKVCache.from_cache(model, cfg, full)
+        nbytes = q.kv_bytes()
+        row = {"config": name, "kv_quant": cfg.to_dict(), "kv_bytes": nbytes,
+               "bytes_per_token": nbytes / args.context, "ratio_vs_bf16": nbytes / bf16_bytes}
+        with kv_cache(model, cfg):
+            t = time_decode(model, q, args.steps)
+        row.update(step_ms_median=1e3 * statistics.median(t), tok_per_s=1 / statistics.median(t))
+        row["speed_vs_best_full"] = row["tok_per_s"] / best
+        rows.append(row)
+        print(f"{name:48s} {row['bytes_per_token']:9.1f} B/token  {row['ratio_vs_bf16']:.3f}x bf16  "
+              f"{row['tok_per_s']:.2f} tok/s ({row['speed_vs_best_full']:.2f}x best full)", flush=True)
+    out = {"benchmark": "kv bytes per token and decode speed", "model": args.model, "dtype": args.dtype,
+           "context": args.context, "steps": args.steps, "threads": args.threads, "rows": rows,
+           "note": "caches filled with random keys/values of the model's shape; bytes measured from the tensors held",
+           "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype),
+           "loadavg_before_after": [load_before, os.getloadavg()]}
+    if args.json:
+        write_json_atomic(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
