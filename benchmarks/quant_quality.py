@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--json", required=True)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     nsamples, windows = (32, 40) if args.quick else (128, 200)
     model, tok = compactlm.models.load(args.model)
     calib = calibration_set(tok, "essays", nsamples=nsamples, seqlen=512)

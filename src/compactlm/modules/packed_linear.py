@@ -33,6 +33,7 @@ from ..primitives.quant import dequantize
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _CROSSOVER: dict[tuple[int, int, int], int] = {}  # (out, in, group) -> largest M where int4 is faster
 _FORCE: list[str | None] = [None]
+ALWAYS = 1 << 30  # crossover value meaning "the int4 kernel won at every measured M"
 
 
 @contextlib.contextmanager
@@ -59,12 +60,13 @@ def _median_time(fn, reps: int = 7) -> float:
 
 
 @torch.no_grad()
-def int4_crossover(out_features: int, in_features: int, group_size: int, ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+def int4_crossover(out_features: int, in_features: int, group_size: int, ms: tuple[int, ...] = (1, 4, 16, 64, 256)
                    ) -> int:
     """Largest M (of ``ms``) at which the int4 kernel beats dequantize+bf16 matmul on this CPU; 0 if never.
 
     Measured on random data of this shape once per process and cached: the choice of path comes from a
-    measurement on the machine that runs the model, not from a constant.
+    measurement on the machine that runs the model, not from a constant. If the kernel still wins at the
+    largest M measured, it is used for every M (:data:`ALWAYS`).
     """
     key = (out_features, in_features, group_size)
     if key in _CROSSOVER:
@@ -82,6 +84,8 @@ def int4_crossover(out_features: int, in_features: int, group_size: int, ms: tup
             best = m
         else:
             break
+    if best == ms[-1]:
+        best = ALWAYS
     _CROSSOVER[key] = best
     return best
 
