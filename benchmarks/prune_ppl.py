@@ -21,6 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parent
 
 
+def calib_name(n: int) -> str:
+    """CALIB-pg-512 draws offsets with Random(0): n sequences are the first n of the protocol's 128."""
+    return {128: "CALIB-pg-512", 32: "CALIB-pg-512-q"}.get(n, f"CALIB-pg-512 (first {n} of 128 sequences)")
+
+
 def build_config(args):
     from compactlm.prune import METHODS
 
@@ -56,7 +61,7 @@ def main() -> int:
     setting = args.pattern or f"{round(100 * (args.sparsity if args.sparsity is not None else 0.5))}pct"
     method = args.method if args.method != "barber" else f"barber-{args.init}"
     record = {"model": args.model, "method": method, "setting": setting,
-              "calibration": f"CALIB-pg-512{'' if args.calib_samples == 128 else '-q'} ({args.calib_samples} x 512)"}
+              "calibration": calib_name(args.calib_samples)}
     if args.method != "dense":
         config = build_config(args)
         calib = calibration_set(tok, "essays", nsamples=args.calib_samples, seqlen=512, seed=0)

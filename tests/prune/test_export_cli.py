@@ -110,7 +110,9 @@ def test_cli_prune_wanda_on_the_default_model(tmp_path):
     assert tok is not None
     q = model.model.layers[0].self_attn.q_proj.weight
     assert ((q == 0).sum(1) == q.shape[1] // 2).all()
-    assert (model.lm_head.weight != 0).float().mean() > 0.99
+    dense, _ = compactlm.models.load("smollm2-135m")
+    assert torch.equal(model.lm_head.weight, dense.lm_head.weight)  # never pruned (tied to the embeddings here)
+    assert (model.lm_head.weight != 0).float().mean() > 0.5
 
 
 def test_wanda_default_is_half_and_compress_entry_point():
