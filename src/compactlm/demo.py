@@ -14,6 +14,7 @@ from typing import Any
 from .attention.prefill_bench import step_prefill
 from .cli.common import print_table
 from .errors import ConfigError
+from .inspector.demo_step import step_inspect
 from .kv.demo_step import step_kv
 from .prune.demo_step import step_prune
 from .quant.demo_step import step_quant
@@ -53,6 +54,7 @@ STEPS: dict[str, Callable[[DemoContext], list[dict[str, Any]]]] = {
     "quant": step_quant,
     "prune": step_prune,
     "prefill": step_prefill,
+    "inspect": step_inspect,
 }
 
 

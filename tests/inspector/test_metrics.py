@@ -33,6 +33,9 @@ def test_sqnr_matches_torch_ao():
         y = x + 0.05 * torch.randn(*shape, generator=g)
         expected = float(utils.compute_sqnr(x, y))
         assert M.sqnr_db(x, y) == pytest.approx(expected, rel=1e-5)
+        stats = M.ErrorStats()
+        stats.update(x, y)
+        assert stats.summary()["sqnr_db"] == pytest.approx(expected, rel=1e-5)
         nsr = M.noise_to_signal(x, y)
         assert nsr == pytest.approx(10 ** (-expected / 10), rel=1e-4)
         assert M.relative_frobenius(x, y) == pytest.approx(math.sqrt(nsr))
@@ -48,10 +51,13 @@ def test_streaming_equals_one_shot():
         part.update(a, b)
         s.merge(part)
     out = s.summary()
-    assert out["sqnr_db"] == pytest.approx(M.sqnr_db(ref, cand), rel=1e-9)
-    assert out["cosine"] == pytest.approx(M.cosine(ref, cand), rel=1e-9)
+    assert out["sqnr_db"] == pytest.approx(M.sqnr_db(ref, cand), rel=1e-6)  # fp32 reductions per batch
+    assert out["cosine"] == pytest.approx(M.cosine(ref, cand), rel=1e-6)
     assert out["max_abs"] == pytest.approx(M.max_abs(ref, cand))
-    assert sum(s.hist) == ref.numel()  # every nonzero error lands in one bin
+    assert sum(s.hist) == ref.numel()  # small batches: every nonzero error lands in one bin
+    big = M.ErrorStats()
+    big.update(torch.zeros(1 << 20), torch.full((1 << 20,), 1e-3))
+    assert 0 < sum(big.hist) <= 2 * M.HIST_SAMPLE  # large ones are sampled, so the cost stays flat
 
 
 def test_kl_known_values():
