@@ -146,3 +146,17 @@ def test_filter_fn_and_bad_config_type():
     assert all(n.startswith("model.layers.0.") for n in report.sparsity)
     with pytest.raises(compactlm.CompactLMError, match="pruning config"):
         compactlm.prune(model, compactlm.PerLayer({"_default": Wanda()}))
+
+
+def test_sparsegpt_hessian_damping_retries_and_fails_loudly():
+    from compactlm.errors import CalibrationError
+    from compactlm.prune.sparsegpt import damped_upper_inverse_cholesky
+
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    h = 2 * x.t() @ x / 4  # rank 4 of 16, plus never-firing inputs: damping makes it invertible
+    h[3] = 0
+    h[:, 3] = 0
+    u, damp, retries = damped_upper_inverse_cholesky(h, 0.01)
+    assert torch.isfinite(u).all() and damp >= 0.01 and retries >= 0
+    with pytest.raises(CalibrationError, match="not positive definite"):
+        damped_upper_inverse_cholesky(-torch.eye(8) * 5 - torch.ones(8, 8), 0.01, retries=1)
