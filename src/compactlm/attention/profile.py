@@ -23,11 +23,21 @@ from .sals_calib import SALSProjections
 @dataclass
 class LayerProfile:
     layer: int
-    overlap: float  # |latent top-k ∩ true top-k| / k
+    overlap: float  # |latent top-k ∩ true top-k| / k (no forced tokens)
     mass: float  # true attention mass (group mean) on the latent top-k, relative to the true top-k's mass
+    budget_mass: dict[str, float] | None = None  # absolute mass on each method's set at equal budget
 
 
-def _layer_stats(query, key, proj, r_star, rope: RopeTable, layer: int, keep: float | int, queries: int):
+def _mass(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Attention mass of p (B, H_kv, n) on the distinct slots idx (B, H_kv, m)."""
+    hit = torch.zeros_like(p, dtype=torch.bool).scatter_(2, idx, True)
+    return (p * hit).sum(-1).mean()
+
+
+def _layer_stats(query, key, proj, r_star, rope: RopeTable, layer: int, keep: float | int, queries: int,
+                 sink: int = 16, recent: int = 64, page: int = 16):
+    from .selection import blocks_to_tokens, page_minmax, quest_bounds, streaming_tokens, topk_tokens
+
     b, h, t, d = query.shape
     hkv = key.shape[1]
     g = h // hkv
@@ -37,6 +47,7 @@ def _layer_stats(query, key, proj, r_star, rope: RopeTable, layer: int, keep: fl
     k_pre = unrope(key.float(), cos[:, None], sin[:, None])
     z = torch.einsum("bhtd,hdr->btr", k_pre, proj)[..., :r_star]  # (B, T, r*)
     overlaps, masses = [], []
+    budget = {"sals": [], "oracle": [], "quest": [], "streaming": []}
     for qi in range(max(1, t - queries), t):
         n = qi + 1
         k = min(n, resolve_count(keep, n, "keep"))
@@ -50,7 +61,22 @@ def _layer_stats(query, key, proj, r_star, rope: RopeTable, layer: int, keep: fl
         overlaps.append(hit.float().mean())
         p = torch.softmax(true, -1).mean(2)  # (B, H_kv, n)
         masses.append((p.gather(2, l_idx).sum(-1) / p.gather(2, t_idx).sum(-1)).mean())
-    return float(torch.stack(overlaps).mean()), float(torch.stack(masses).mean())
+        # Equal budget (k + sink + recent tokens), as the decode methods choose them.
+        budget["sals"].append(_mass(p, topk_tokens(lat, k, sink, recent)))
+        budget["oracle"].append(_mass(p, topk_tokens(true.amax(2), k, sink, recent)))
+        budget["streaming"].append(_mass(p, streaming_tokens(n, sink, k + recent, b, hkv)))
+        lo, hi = page_minmax(key[:, :, :n].float(), page)
+        bound = quest_bounds(qq, lo, hi).amax(2)
+        npages = bound.shape[-1]
+        forced = torch.zeros(npages, dtype=torch.bool)
+        forced[: -(-sink // page)] = True
+        forced[(n - recent) // page:] = True
+        bound = bound.masked_fill(forced, float("inf"))
+        chosen = bound.topk(min(npages, -(-k // page) + int(forced.sum())), -1).indices
+        tokens, ok = blocks_to_tokens(chosen, page, n)
+        budget["quest"].append(_mass(p, tokens if ok is None else torch.where(ok, tokens, n - 1)))
+    stats = {m: float(torch.stack(v).mean()) for m, v in budget.items()}
+    return float(torch.stack(overlaps).mean()), float(torch.stack(masses).mean()), stats
 
 
 @torch.no_grad()
@@ -64,15 +90,17 @@ def profile_overlap(model: torch.nn.Module, calib: torch.Tensor, projections: SA
     r = resolve_count(rank, width, "rank")
     r_star = min(r, resolve_count(score_dims, r, "score_dims"))
     rope = RopeTable(a)
-    sums = [[0.0, 0.0] for _ in range(a.num_layers)]
+    sums: list[list] = [[0.0, 0.0, {}] for _ in range(a.num_layers)]
 
     def handler_for(i: int):
         proj = projections.proj(i, r)
 
         def handler(module, query, key, value, attention_mask, scaling, fallback, **kwargs):
-            o, m = _layer_stats(query, key, proj, r_star, rope, i, keep, queries)
+            o, m, budget = _layer_stats(query, key, proj, r_star, rope, i, keep, queries)
             sums[i][0] += o
             sums[i][1] += m
+            for name, v in budget.items():
+                sums[i][2][name] = sums[i][2].get(name, 0.0) + v
             return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
         return handler
@@ -81,7 +109,7 @@ def profile_overlap(model: torch.nn.Module, calib: torch.Tensor, projections: SA
         for row in calib:
             model(row[None].to(a.embed_tokens.weight.device), use_cache=False)
     n = calib.shape[0]
-    return [LayerProfile(i, s[0] / n, s[1] / n) for i, s in enumerate(sums)]
+    return [LayerProfile(i, s[0] / n, s[1] / n, {k: v / n for k, v in s[2].items()}) for i, s in enumerate(sums)]
 
 
 def propose_dense(profile: list[LayerProfile], threshold: float = 0.8, metric: str = "mass") -> list[int]:

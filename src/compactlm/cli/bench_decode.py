@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -161,13 +164,17 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("--repeats must be ≥ 10 (ATTN-decode takes the median of at least 10 timed runs)")
     dtype = parse_dtype(args.dtype)
     threads = sorted({torch.get_num_threads(), 1}, reverse=True) if args.threads is None else [args.threads]
+    load_before = os.getloadavg()  # on a shared machine, the load says how far to trust the timings
     rows = run_bench(parse_lengths(args.lengths), methods, dtype, args.repeats, threads)
     print_table(rows, ["method", "length", "threads", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio",
                        "achieved"])
-    emit_json(args.json, {"protocol": "ATTN-decode", "shapes": {"heads": 32, "kv_heads": 8, "head_dim": 128,
-                                                                "batch": 1},
-                          "budget": "keep L/8 + sink 16 + recent 64; SALS rank 25% (r=256), r*=128; Quest page 16",
-                          "results": rows, "machine": machine_info(dtype)})
+    emit_json(args.json, {
+        "protocol": "ATTN-decode", "command": "compactlm " + shlex.join(sys.argv[1:]),
+        "shapes": {"heads": 32, "kv_heads": 8, "head_dim": 128, "batch": 1},
+        "budget": "keep L/8 + sink 16 + recent 64; SALS rank 25% (r=256), r*=128; Quest page 16",
+        "results": rows,
+        "machine": {**machine_info(dtype), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+    })
     return 0
 
 
