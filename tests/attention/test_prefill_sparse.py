@@ -266,3 +266,26 @@ def test_compare_prefill_reports_both_methods_side_by_side(tiny_llama):
     assert res["windows"] == 2 and res["tokens_scored"] == 510
     assert res["sparse_ppl"] == pytest.approx(res["dense_ppl"], rel=1e-5)  # keep-all is exact
     assert res["rows"][0]["sparse_block_fraction"] == 1.0
+
+
+def test_bench_cli_writes_protocol_rows(tmp_path, capsys):
+    import json
+
+    from compactlm.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "prefill-attention", "--lengths", "256", "--heads", "2", "--kv-heads", "1", "--head-dim",
+               "16", "--block-size", "16", "--share-len", "32", "--repeats", "1", "--dtype", "fp32", "--quiet",
+               "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "ATTN-prefill" and "machine" in data
+    rows = {r["method"]: r for r in data["results"]}
+    assert set(rows) == {"sparse-keep0.25", "sparse-thr0.9"}
+    for r in rows.values():
+        assert {"method", "length", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio", "block_fraction",
+                "select_share"} <= set(r)
+        assert r["ideal_ratio"] == pytest.approx(1 / r["block_fraction"]) and 0 < r["select_share"] < 1
+    assert main(["bench", "prefill-attention", "--lengths", "four-k"]) == 2
+    assert main(["bench", "prefill-attention", "--lengths", "1k", "--dense", "cudnn"]) == 2
+    assert "--lengths takes sizes" in capsys.readouterr().err
