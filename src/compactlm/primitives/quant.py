@@ -140,8 +140,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: 
     rows, cols = q.shape
     if g_idx is None:  # contiguous groups: broadcast per group instead of materialising per-column scales
         groups = scale.shape[1]
-        qg = q.reshape(rows, groups, cols // groups).float()
-        return ((qg - zero.float()[..., None]) * scale.float()[..., None]).reshape(rows, cols).to(dtype)
+        out = q.reshape(rows, groups, cols // groups).to(torch.float32)
+        out.sub_(zero.float()[..., None]).mul_(scale.float()[..., None])  # in place: one buffer, not three
+        return out.reshape(rows, cols).to(dtype)
     s = _expand(scale.float(), cols, g_idx)
     z = _expand(zero.float(), cols, g_idx)
     return ((q.float() - z) * s).to(dtype)
