@@ -63,10 +63,10 @@ def test_int8_cache_tracks_the_full_model(family):
 
 def test_fewer_bits_more_error():
     model = tiny_model("llama")
-    ids = _ids(1, 64)
+    ids = _ids(1, 48)
     with torch.no_grad():
         ref = model(ids).logits
-    errs = [(_run(model, ids, QuantizedKVCache(model, KVQuant(bits=b, group_size=8, residual=0)), 8) - ref)
+    errs = [(_run(model, ids, QuantizedKVCache(model, KVQuant(bits=b, group_size=8, residual=0)), 32) - ref)
             .abs().mean().item() for b in (8, 4, 2)]
     assert errs[0] < errs[1] < errs[2], errs
 
@@ -175,7 +175,7 @@ def test_kv_methods_are_registered_and_decode_quality_orders_by_bits():
     model = tiny_model("llama")
     methods = [build_method(model, "kv", f"int{b}", {"group_size": 8, "residual": 8}) for b in (8, 2)]
     assert [m.name for m in methods] == ["kv-int8-g8-r8", "kv-int2-g8-r8"]
-    res = run_ppl_decode(model, methods=methods, input_ids=_ids(2, 48), decoded=24)
+    res = run_ppl_decode(model, methods=methods, input_ids=_ids(2, 40), decoded=12)
     full = res.methods["full"]["ppl"]
     assert abs(res.methods["kv-int8-g8-r8"]["ppl"] / full - 1) < 0.01
     assert abs(res.methods["kv-int2-g8-r8"]["ppl"] / full - 1) > abs(res.methods["kv-int8-g8-r8"]["ppl"] / full - 1)
@@ -232,3 +232,17 @@ def test_hf_hqq_baseline_method_runs_when_hqq_is_installed():
     assert abs(res.methods[m.name]["ppl"] / res.methods["full"]["ppl"] - 1) < 0.2
     with pytest.raises(ConfigError, match="takes only"):
         build_method(model, "kv", "hf-hqq-int2", {"bits": 3})
+
+
+def test_fused_decode_attention_in_bf16_tracks_the_fp32_reference():
+    model = tiny_model("llama")
+    cache = QuantizedKVCache(model, KVQuant(bits=4, group_size=8, residual=8, chunk_tokens=16))
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(2)
+    layer.update(torch.randn(1, 2, 60, 16, generator=g).bfloat16(), torch.randn(1, 2, 60, 16, generator=g).bfloat16())
+    query = torch.randn(1, 4, 1, 16, generator=g).bfloat16()
+    k, v = layer.materialize()
+    ref = reference_attention(query.float(), k.float(), v.float(), 0.25)
+    got = quantized_decode_attention(query, layer, 0.25)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 3e-2

@@ -83,3 +83,13 @@ def test_bad_arguments_raise():
         quantize_groups(_x(), 2, 7, -2)
     with pytest.raises(ValueError, match="B, H, T, D"):
         quantize_groups(torch.zeros(4, 4), 2, 2, -1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_table_unpack_equals_shift_unpack(bits, dtype):
+    from compactlm.kv.quantizer import unpack_to
+
+    codes = torch.randint(0, 2 ** bits, (2, 3, 7, 16), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(unpack_to(packed, bits, dtype), unpack_codes(packed, bits).to(dtype))

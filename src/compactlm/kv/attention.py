@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .cache import QuantizedKVLayer
+from .quantizer import QuantizedKV, unpack_to
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -42,54 +43,98 @@ class _Online:
         self.s = torch.zeros_like(self.m)
         self.acc = torch.zeros(b, hkv, n, d, dtype=torch.float32, device=q.device)
 
-    def add(self, scores: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, scores: torch.Tensor, v) -> None:
+        """Merge a segment: ``scores`` (B, H_kv, n, t); ``v`` (B, H_kv, t, D) or a callable p -> p @ V (fp32)."""
         scores = scores.float()
         m_new = torch.maximum(self.m, scores.amax(-1, keepdim=True))
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # a fully masked row so far
         p = torch.exp(scores - safe)
         corr = torch.exp(self.m - safe)
         self.s = self.s * corr + p.sum(-1, keepdim=True)
-        self.acc = self.acc * corr + (p.to(v.dtype) @ v).float()
+        pv = v(p) if callable(v) else (p.to(v.dtype) @ v).float()
+        self.acc = self.acc * corr + pv
         self.m = m_new
 
     def result(self) -> torch.Tensor:
         return self.acc / self.s
 
 
+def _folded_key_scores(q: torch.Tensor, qk: QuantizedKV, start: int, end: int) -> torch.Tensor:
+    """``q @ dequant(K[start:end])^T`` without dequantizing: per-channel scales fold into the query.
+
+    score_t = Σ_d q_d (s_{g,d} c_{t,d} + z_{g,d}) = (q ⊙ s_g) · c_t + q · z_g (KIVI §3.3), so only
+    the codes are expanded (one table lookup) and the scale/zero work is per group, not per token.
+    """
+    b, h, n, d = q.shape
+    g = qk.group_size
+    codes = unpack_to(qk.packed[..., start:end, :], qk.bits, q.dtype)  # (B, H, C, D)
+    c = end - start
+    scale = qk.scale[..., start // g: end // g, :].to(q.dtype)  # (B, H, C/G, D)
+    zero = qk.zero[..., start // g: end // g, :].to(q.dtype)
+    qs = q.unsqueeze(2) * scale.unsqueeze(3)  # (B, H, C/G, n, D)
+    scores = qs @ codes.view(b, h, c // g, g, d).transpose(-1, -2)  # (B, H, C/G, n, G)
+    bias = (q @ zero.transpose(-1, -2)).float()  # (B, H, n, C/G)
+    scores = scores.float().permute(0, 1, 3, 2, 4) + bias.unsqueeze(-1)  # (B, H, n, C/G, G)
+    return scores.reshape(b, h, n, c)
+
+
+def _folded_values(p: torch.Tensor, qv: QuantizedKV, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """``p @ dequant(V[start:end])`` with the per-token scales folded into ``p`` (B, H, n, C) -> fp32 (B, H, n, D)."""
+    b, h, n, c = p.shape
+    codes = unpack_to(qv.packed[..., start:end, :], qv.bits, dtype)  # (B, H, C, D)
+    d = codes.shape[-1]
+    gv = qv.group_size
+    scale = qv.scale[..., start:end, :].to(dtype)  # (B, H, C, D/Gv)
+    zero = qv.zero[..., start:end, :].to(dtype)
+    pd = p.to(dtype)
+    ps = pd.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)  # (B, H, D/Gv, n, C)
+    cv = codes.view(b, h, c, d // gv, gv).permute(0, 1, 3, 2, 4)  # (B, H, D/Gv, C, Gv)
+    out = (ps @ cv).float().permute(0, 1, 3, 2, 4)  # (B, H, n, D/Gv, Gv)
+    bias = (pd @ zero).float()  # (B, H, n, D/Gv)
+    return (out + bias.unsqueeze(-1)).reshape(b, h, n, d)
+
+
 def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, scaling: float,
                                mask: torch.Tensor | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
     """Attention of ``query`` (B, H, Tq, D) over everything ``layer`` holds -> (B, Tq, H, D).
 
-    ``mask`` (B, 1, Tq, T_total) bool in cache order (sinks, store, window), or None.
+    ``mask`` (B, 1, Tq, T_total) bool in cache order (sinks, store, window), or None. Chunks of the
+    store are read in the query's dtype; softmax statistics and the accumulator stay fp32.
     """
     b, h, tq, d = query.shape
     hkv = layer.keys.shape[1]
     rep = h // hkv
-    dt = query.dtype  # chunks are dequantized to the model's dtype: half the traffic of fp32 in a bf16 model
+    dt = query.dtype
     q = query.reshape(b, hkv, rep * tq, d) * scaling  # (B, H_kv, rep·Tq, D)
     acc = _Online(q)
     chunk = chunk_tokens or layer.cfg.chunk_tokens
     offset = 0
 
-    def segment(k: torch.Tensor, v: torch.Tensor) -> None:
-        nonlocal offset
-        n = k.shape[-2]
-        if n == 0:
-            return
-        scores = (q @ k.to(dt).transpose(-1, -2)).float()  # (B, H_kv, rep·Tq, n)
-        if mask is not None:
-            m = mask[:, :, :, offset: offset + n].bool()  # (B, 1, Tq, n)
-            m = m.unsqueeze(2).expand(b, 1, rep, tq, n).reshape(b, 1, rep * tq, n)
-            scores = scores.masked_fill(~m, float("-inf"))
-        acc.add(scores, v)
-        offset += n
+    def masked(scores: torch.Tensor) -> torch.Tensor:
+        n = scores.shape[-1]
+        if mask is None:
+            return scores
+        m = mask[:, :, :, offset: offset + n].bool()  # (B, 1, Tq, n)
+        m = m.unsqueeze(2).expand(b, 1, rep, tq, n).reshape(b, 1, rep * tq, n)
+        return scores.masked_fill(~m, float("-inf"))
 
-    segment(layer.sink_k, layer.sink_v)
+    def exact(k: torch.Tensor, v: torch.Tensor) -> None:
+        nonlocal offset
+        if k.shape[-2]:
+            acc.add(masked((q @ k.to(dt).transpose(-1, -2)).float()), v.to(dt))
+            offset += k.shape[-2]
+
+    exact(layer.sink_k, layer.sink_v)
     for start in range(0, layer.quantized_length, chunk):
         end = min(start + chunk, layer.quantized_length)
-        segment(layer.dequantized_keys(start, end, dt), layer.qv.dequantize(dt, start, end))
-    segment(layer.keys, layer.values)
-    out = acc.result().reshape(b, h, tq, d)  # softmax statistics and accumulator stay fp32
+        if layer.cfg.pre_rope:  # rotation mixes channel pairs: dequantize, re-rotate, then attend
+            scores = (q @ layer.dequantized_keys(start, end, dt).transpose(-1, -2)).float()
+        else:
+            scores = _folded_key_scores(q, layer.qk, start, end)
+        acc.add(masked(scores), lambda p, s=start, e=end: _folded_values(p, layer.qv, s, e, dt))
+        offset += end - start
+    exact(layer.keys, layer.values)
+    out = acc.result().reshape(b, h, tq, d)
     return out.transpose(1, 2).to(query.dtype)
 
 

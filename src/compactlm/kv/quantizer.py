@@ -98,6 +98,20 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
+_LUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def unpack_to(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`unpack_codes` straight to ``dtype`` codes with one table lookup per byte (no shift passes)."""
+    key = (bits, dtype, packed.device)
+    lut = _LUTS.get(key)
+    if lut is None:  # row b = the 8/bits codes byte b holds, in pack order
+        lut = unpack_codes(torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None], bits).to(dtype)
+        _LUTS[key] = lut
+    out = torch.nn.functional.embedding(packed.long(), lut)  # (..., D·bits/8, 8/bits)
+    return out.reshape(*packed.shape[:-1], -1)
+
+
 @dataclass
 class QuantizedKV:
     """One quantized tensor (B, H, T, D): packed codes plus per-group scale and zero; appendable along T."""

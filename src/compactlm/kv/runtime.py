@@ -11,6 +11,7 @@ used (``session.cache``), for inspecting its bytes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections.abc import Iterator
 
@@ -36,13 +37,15 @@ class KVSession:
         self.config = config
         self.cache: QuantizedKVCache | None = None
         self._seen: weakref.WeakSet = weakref.WeakSet()
+        # transformers ≥ 5.2x names the forward's cache argument `cache` (`past_key_values` before)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def pre_hook(self, module, args, kwargs):
         if kwargs.get("use_cache") is False:
             return args, kwargs
-        key = next((k for k in _CACHE_KEYS if k in kwargs), "cache")
+        key = next((k for k in _CACHE_KEYS if k in kwargs), self.cache_kwarg)
         cache = kwargs.pop(key, None)
-        kwargs.pop("past_key_values", None)
         if not isinstance(cache, QuantizedKVCache):
             if cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):
                 cache = QuantizedKVCache(self.model, self.config)
@@ -58,7 +61,7 @@ class KVSession:
                 layer.fuse_decode = True
         self._seen.add(cache)
         self.cache = cache
-        kwargs["cache"] = cache
+        kwargs[key] = cache
         return args, kwargs
 
     def handler(self, module, query, key, value, attention_mask, scaling, fallback, **kwargs):
