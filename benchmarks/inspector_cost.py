@@ -4,6 +4,9 @@ to 4-bit RTN g64 asym, so every linear differs and is swapped for impact).
 
     python benchmarks/inspector_cost.py --samples 8 --seqlen 512 --impact-samples 2 \
         --json benchmarks/results/inspector_cost.json
+
+The capture time is also reported in units of "a plain forward of both models on the same tokens"
+(measured in the same process just before), a figure that does not depend on how loaded the machine is.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--impact-samples", type=int, default=2)
+    ap.add_argument("--impact-top", type=int, default=0, help="swap only the N largest isolated errors (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--html")
     ap.add_argument("--json")
@@ -50,7 +54,7 @@ def main() -> None:
             ref(input_ids=row, use_cache=False)
             cand(input_ids=row, use_cache=False)
     two_forwards_s = time.perf_counter() - start
-    cfg = InspectConfig(impact_samples=args.impact_samples)
+    cfg = InspectConfig(impact_samples=args.impact_samples, impact_top=args.impact_top)
     start = time.perf_counter()
     report = inspect(ref, cand, ids, cfg)
     total = time.perf_counter() - start
@@ -69,6 +73,8 @@ def main() -> None:
             "tokens": report.data["tokens"], "samples": args.samples, "seqlen": args.seqlen,
             "capture_s": t["capture_s"], "impact_s": t["impact_s"], "impact_swaps": t["impact_units"],
             "impact_tokens": t["impact_tokens"], "total_s": total, "two_plain_forwards_s": two_forwards_s,
+            "capture_in_plain_forward_pairs": t["capture_s"] / two_forwards_s,
+            "impact_s_per_swap": t["impact_s"] / max(1, t["impact_units"]),
             "operators": len(report.operators), "final_logits": report.data["final_logits"], "top10": top,
             "peak_rss_mib": peak_rss_mib(), "config": cfg.to_dict(), "command": "python " + shlex.join(sys.argv),
             "machine": {**machine_info("float32"), "threads": args.threads,

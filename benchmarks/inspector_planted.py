@@ -90,11 +90,14 @@ def main() -> None:
         rank = next((i for i, o in enumerate(units, 1) if o["name"] == name), None)
         planted = next(o for o in report.operators if o["name"] == name)
         top = units[0]
+        runner_up = units[1] if len(units) > 1 else None
         records.append({"plant": name, "fault": fault, "channel": channel if fault == "scale100" else None,
                         "rank": rank, "top1": top["name"], "top1_impact_kl": (top["impact"] or {}).get("kl"),
                         "impact_kl": (planted["impact"] or {}).get("kl"),
                         "loss_delta": (planted["impact"] or {}).get("loss_delta"),
                         "isolated_sqnr_db": (planted["isolated"] or {}).get("sqnr_db"),
+                        "runner_up": runner_up and runner_up["name"],
+                        "runner_up_impact_kl": runner_up and (runner_up["impact"] or {}).get("kl"),
                         "final_logit_kl": report.data["final_logits"]["kl"], "units": len(units),
                         "impact_swaps": report.data["timing"]["impact_units"],
                         "capture_s": report.data["timing"]["capture_s"], "impact_s": report.data["timing"]["impact_s"],

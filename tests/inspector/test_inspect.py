@@ -163,3 +163,16 @@ def test_config_round_trip():
 
     for cfg in (InspectConfig(impact=False, warn_sqnr_db=15.0), GateConfig(max_kl=0.1, windows=8)):
         assert BaseConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_impact_top_swaps_only_the_largest_isolated_errors(tiny_llama):
+    cand = copy.deepcopy(tiny_llama)
+    for lin in [m for n, m in cand.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]:
+        rtn_(lin.weight, 8)
+    plant(cand, "model.layers.0.mlp.up_proj", "scale100")
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    report = inspect(tiny_llama, cand, ids, InspectConfig(impact_top=3, batch_size=2))
+    assert report.data["timing"]["impact_units"] == 3
+    assert sum(o["unit"] for o in report.operators) == 14  # every differing linear is still a unit
+    assert sum(o["impact"] is not None for o in report.operators) == 3
+    assert report.top(1)[0]["name"] == "model.layers.0.mlp.up_proj"

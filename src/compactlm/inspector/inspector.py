@@ -138,15 +138,16 @@ def inspect(ref: nn.Module, cand: nn.Module, batches: torch.Tensor | Iterable[to
                                (capture.isolated_stats if cfg.isolated else capture.accumulated).items()})
     impact_s, impact_units = 0.0, 0
     if cfg.impact and units:
+        swapped = units
         if cfg.impact_top:
-            units = sorted(units, key=lambda o: -capture.isolated_stats[o.name].summary()["nsr"])[: cfg.impact_top]
+            swapped = sorted(units, key=lambda o: -capture.isolated_stats[o.name].summary()["nsr"])[: cfg.impact_top]
         seqlen = items[0].size(1)
         rows = torch.cat([b for b in items if b.size(1) == seqlen])[: cfg.impact_samples]
         start = time.perf_counter()
-        impacts = consumer_impact(ref, cand, units, rows)
-        impact_s, impact_units = time.perf_counter() - start, len(units)
+        impacts = consumer_impact(ref, cand, swapped, rows)
+        impact_s, impact_units = time.perf_counter() - start, len(swapped)
 
-    unit_names = {u.name for u in units} | set(impacts)
+    unit_names = {u.name for u in units}
     operators = []
     for op in ops:
         acc = capture.accumulated[op.name]
