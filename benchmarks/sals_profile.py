@@ -46,7 +46,7 @@ def main() -> None:
         mean = {k: sum(r[k] for r in sparse) / len(sparse) for k in rows[0] if k != "layer"}
         print("mean over the default sparse layers (2..28):", mean)
         out[str(rank)] = {"layers": rows, "mean_sparse_layers": mean,
-                          "proposed_dense_mass_lt_0.8": propose_dense(prof, 0.8)}
+                          "proposed_dense_budget_mass_lt_0.9_of_oracle": propose_dense(prof, 0.9)}
     if args.json:
         write_json_atomic(args.json, {"model": "smollm2-135m", "dtype": args.dtype,
                                       "calib": f"essays, {args.samples} x {args.seqlen} tokens, seed 1",

@@ -112,6 +112,15 @@ def profile_overlap(model: torch.nn.Module, calib: torch.Tensor, projections: SA
     return [LayerProfile(i, s[0] / n, s[1] / n, {k: v / n for k, v in s[2].items()}) for i, s in enumerate(sums)]
 
 
-def propose_dense(profile: list[LayerProfile], threshold: float = 0.8, metric: str = "mass") -> list[int]:
-    """Layers whose latent selection captures less than ``threshold`` (of ``mass`` or ``overlap``): keep them dense."""
-    return [p.layer for p in profile if getattr(p, metric) < threshold]
+def propose_dense(profile: list[LayerProfile], threshold: float = 0.9, metric: str = "budget") -> list[int]:
+    """Layers to keep dense: where SALS's choice captures less than ``threshold`` of what the oracle's does.
+
+    ``metric="budget"``: attention mass on SALS's set / mass on the oracle's set, both at the full budget (sink,
+    recent and top-k); ``"mass"`` or ``"overlap"``: the top-k-only figures of :class:`LayerProfile`.
+    """
+    def value(p: LayerProfile) -> float:
+        if metric == "budget":
+            return p.budget_mass["sals"] / max(p.budget_mass["oracle"], 1e-12)
+        return getattr(p, metric)
+
+    return [p.layer for p in profile if value(p) < threshold]

@@ -144,7 +144,7 @@ class SALSRun:
         def decode(module, query, key, value, attention_mask, scaling, fallback, **kwargs):
             layer = self.capture.layer(i)
             if not isinstance(layer, SALSLayer):
-                raise RuntimeError(f"layer {i}: SALS decode needs the cache converted on entry; got "
+                raise ConfigError(f"layer {i}: SALS decode needs the cache converted on entry; got "
                                    f"{type(layer).__name__}. Pass the cache as `cache=`/`past_key_values=`.")
             length = layer.length
             q_cos, q_sin, valid = decode_inputs(self.rope, query, kwargs, attention_mask, length, i)
