@@ -232,16 +232,18 @@ class BarberRun(PruneRun):
             for w in weights:
                 w.requires_grad_(True)
             with torch.enable_grad():
-                for x, ref in zip(ctx.inputs, reference, strict=True):
-                    out = _block_output(ctx, block, x.to(ctx.device))
-                    loss = F.mse_loss(out.float(), ref.to(ctx.device).float())
-                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                    b = x.shape[0]
-                    for (n, _), g in zip(mods.items(), grads, strict=True):
-                        if g is not None:  # an expert no token reached has no gradient
-                            grad_sq[n] += g.float() ** 2 * b
-                    seen += b
-                    mse += float(loss.detach()) * b
+                # One gradient per calibration sequence: E[g²] over sequences (the reference code's per-sample
+                # loop) carries the per-sample spread that a batch-mean gradient squared would average away.
+                for xb, refb in zip(ctx.inputs, reference, strict=True):
+                    for x, ref in zip(xb.split(1), refb.split(1), strict=True):
+                        out = _block_output(ctx, block, x.to(ctx.device))
+                        loss = F.mse_loss(out.float(), ref.to(ctx.device).float())
+                        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                        for (n, _), g in zip(mods.items(), grads, strict=True):
+                            if g is not None:  # an expert no token reached has no gradient
+                                grad_sq[n] += g.float() ** 2
+                        seen += 1
+                        mse += float(loss.detach())
         finally:
             for w, f in zip(weights, flags, strict=True):
                 w.requires_grad_(f)
