@@ -6,7 +6,7 @@ model's own shape and dtype (bytes and step cost do not depend on the values), t
 - KV bytes per token from the tensors each cache actually holds (codes, scales, zeros, window, sinks),
   as a ratio of the bf16 full-precision cache;
 - decode tokens/s: ``--steps`` single-token forward passes of the real model after that cache, all
-  configurations timed in the same process, one after another (median step time). Two full-precision
+  configurations timed in the same process, round-robin one step at a time (median step time). Two full-precision
   baselines: the model's own attention (SDPA) and an exact grouped matmul-softmax-matmul (PROTOCOL
   ATTN-decode: on this CPU SDPA with one query token is far slower); ratios are against the faster.
 
@@ -17,6 +17,7 @@ model's own shape and dtype (bytes and step cost do not depend on the values), t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import shlex
@@ -53,17 +54,6 @@ def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
     return cache
 
 
-@torch.no_grad()
-def time_decode(model, cache, steps: int) -> list[float]:
-    times = []
-    tok = torch.tensor([[42]])
-    for _ in range(steps + 2):
-        t0 = time.perf_counter()
-        model(input_ids=tok, cache=cache, use_cache=True)
-        times.append(time.perf_counter() - t0)
-    return times[2:]  # two warm-up steps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -80,39 +70,47 @@ def main() -> None:
     full = fill(model, args.context, dtype)
     full_bytes = full_cache_bytes(full)
     bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()
-    rows = [{"config": "full (DynamicCache)", "kv_bytes": full_bytes, "bytes_per_token": full_bytes / args.context,
-             "ratio_vs_bf16": full_bytes / bf16_bytes}]
-    t = time_decode(model, copy.deepcopy(full), args.steps)
-    rows[0].update(step_ms_median=1e3 * statistics.median(t), tok_per_s=1 / statistics.median(t))
-    print(f"full (SDPA): {rows[0]['tok_per_s']:.2f} tok/s", flush=True)
+    layers = get_adapter(model).num_layers
 
     def grouped(module, query, key, value, attention_mask, scaling, fallback, **kw):
         if query.shape[-2] != 1:
             return fallback(module, query, key, value, attention_mask, scaling=scaling, **kw)
         return dense_grouped_attention(query, key, value, scaling, attention_mask), None
 
-    with attention_override(model, {i: grouped for i in range(get_adapter(model).num_layers)}):
-        t = time_decode(model, copy.deepcopy(full), args.steps)
-    rows.append({"config": "full (DynamicCache) + grouped dense attention", "kv_bytes": full_bytes,
-                 "bytes_per_token": full_bytes / args.context, "ratio_vs_bf16": full_bytes / bf16_bytes,
-                 "step_ms_median": 1e3 * statistics.median(t), "tok_per_s": 1 / statistics.median(t)})
-    print(f"full (grouped): {rows[1]['tok_per_s']:.2f} tok/s", flush=True)
-    best = max(rows[0]["tok_per_s"], rows[1]["tok_per_s"])
+    # (name, config or None, cache, scope factory); timed round-robin, one step each per round, so a
+    # change of machine load during the run hits every configuration alike.
+    runs = [("full (DynamicCache, SDPA)", None, copy.deepcopy(full), contextlib.nullcontext),
+            ("full (DynamicCache) + grouped dense attention", None, copy.deepcopy(full),
+             lambda: attention_override(model, {i: grouped for i in range(layers)}))]
     for name, cfg in CONFIGS.items():
-        q = QuantizedKVCache.from_cache(model, cfg, full)
-        nbytes = q.kv_bytes()
-        row = {"config": name, "kv_quant": cfg.to_dict(), "kv_bytes": nbytes,
-               "bytes_per_token": nbytes / args.context, "ratio_vs_bf16": nbytes / bf16_bytes}
-        with kv_cache(model, cfg):
-            t = time_decode(model, q, args.steps)
-        row.update(step_ms_median=1e3 * statistics.median(t), tok_per_s=1 / statistics.median(t))
-        row["speed_vs_best_full"] = row["tok_per_s"] / best
+        runs.append((name, cfg, QuantizedKVCache.from_cache(model, cfg, full), lambda c=cfg: kv_cache(model, c)))
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    tok = torch.tensor([[42]])
+    with torch.no_grad():
+        for step in range(args.steps + 1):  # round 0 is a warm-up
+            for name, _, cache, scope in runs:
+                with scope():
+                    t0 = time.perf_counter()
+                    model(input_ids=tok, cache=cache, use_cache=True)
+                    if step:
+                        times[name].append(time.perf_counter() - t0)
+    best = max(1 / statistics.median(times[n]) for n, *_ in runs[:2])
+    rows = []
+    for name, cfg, cache, _ in runs:
+        nbytes = full_bytes if cfg is None else cache.kv_bytes()
+        med = statistics.median(times[name])
+        row = {"config": name, "kv_bytes": nbytes, "bytes_per_token": nbytes / args.context,
+               "ratio_vs_bf16": nbytes / bf16_bytes, "step_ms_median": 1e3 * med, "tok_per_s": 1 / med,
+               "speed_vs_best_full": (1 / med) / best, "step_ms_all": [1e3 * t for t in times[name]]}
+        if cfg is not None:
+            row["kv_quant"] = cfg.to_dict()
         rows.append(row)
         print(f"{name:48s} {row['bytes_per_token']:9.1f} B/token  {row['ratio_vs_bf16']:.3f}x bf16  "
-              f"{row['tok_per_s']:.2f} tok/s ({row['speed_vs_best_full']:.2f}x best full)", flush=True)
+              f"{row['tok_per_s']:.3f} tok/s ({row['speed_vs_best_full']:.2f}x best full)", flush=True)
     out = {"benchmark": "kv bytes per token and decode speed", "model": args.model, "dtype": args.dtype,
            "context": args.context, "steps": args.steps, "threads": args.threads, "rows": rows,
-           "note": "caches filled with random keys/values of the model's shape; bytes measured from the tensors held",
+           "note": "caches filled with random keys/values of the model's shape; bytes measured from the tensors "
+                   "held; decode steps timed round-robin across configurations",
            "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype),
            "loadavg_before_after": [load_before, os.getloadavg()]}
     if args.json:
