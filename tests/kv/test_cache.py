@@ -246,3 +246,14 @@ def test_fused_decode_attention_in_bf16_tracks_the_fp32_reference():
     got = quantized_decode_attention(query, layer, 0.25)
     assert got.dtype == torch.bfloat16
     assert (got.float() - ref).abs().max() < 3e-2
+
+
+def test_demo_bytes_per_token_counts_the_quantized_cache():
+    from compactlm.demo import STEPS
+    from compactlm.kv.demo_step import bytes_per_token
+
+    model = tiny_model("llama")
+    full = bytes_per_token(model, None, 1024)
+    assert full == 2 * 2 * 2 * 16 * 4  # layers × (K, V) × kv heads × head dim × fp32 bytes
+    assert bytes_per_token(model, KVQuant(bits=2, group_size=16), 1024) / full < 0.25
+    assert "kv" in STEPS
