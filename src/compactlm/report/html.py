@@ -31,7 +31,7 @@ def _num(v: Any) -> str:
     return _e(v)
 
 
-def bar_chart(title: str, series: dict[str, float | None], unit: str = "", width: int = 420,
+def bar_chart(title: str, series: dict[str, float | None], unit: str = "", width: int = 460,
               log_scale: bool = False) -> str:
     """Horizontal bars, one per entry; missing values are labelled, not drawn."""
     rows = list(series.items())
@@ -149,7 +149,7 @@ def render_html(report: dict[str, Any], choices: dict[str, Any] | None = None) -
     plots = []
     if ev.get("ppl"):
         p = ev["ppl"]
-        plots.append(bar_chart(f"Perplexity ({p['protocol']}, lower is better)",
+        plots.append(bar_chart(f"Perplexity, {p['protocol']} (lower is better)",
                                {"base": p.get("base"), "compressed": p.get("compressed")}, log_scale=True))
     if ev.get("ruler"):
         r = ev["ruler"]

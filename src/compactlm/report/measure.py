@@ -22,6 +22,17 @@ from torch import nn
 from ..evaluation.methods import FULL, RuntimeMethod
 
 
+def _inspector_row(op: dict[str, Any]) -> dict[str, Any]:
+    """One offender: its name and the error metrics (SQNR, KL, noise-to-signal, cosine) of each measurement."""
+    row: dict[str, Any] = {"name": op.get("name"), "rank": op.get("rank")}
+    for key, value in op.items():
+        if isinstance(value, dict):
+            for metric, x in value.items():
+                if isinstance(x, int | float) and any(t in metric for t in ("sqnr", "kl", "nsr", "cos")):
+                    row[f"{key}.{metric}"] = x
+    return row
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and persistent buffer (tied weights counted once)."""
     seen: set[int] = set()
@@ -108,8 +119,6 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
         log(f"precision inspector on {ev.inspect_samples} sequences")
         batches = eval_windows(tokenizer, "wiki", 512, ev.inspect_samples)
         rep = inspect(base, model, batches, InspectConfig(impact=False, attention_probs=False))
-        keep = ("name", "kind", "unit", "isolated_sqnr_db", "accumulated_sqnr_db", "isolated_nsr", "risks")
-        out["inspector"] = [{k: v for k, v in op.items() if k in keep or not isinstance(v, dict | list)}
-                            for op in rep.top(10)]
+        out["inspector"] = [_inspector_row(op) for op in rep.top(10)]
     del base
     return out
