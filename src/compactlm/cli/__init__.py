@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "compactlm.cli.inspect_cmd",
     "compactlm.cli.generate",
     "compactlm.cli.eval_long",
+    "compactlm.cli.bench_decode",
     "compactlm.cli.compress",
     "compactlm.cli.report",
     "compactlm.cli.prune",

@@ -85,6 +85,7 @@ def build_method(model: nn.Module, kind: str, name: str | None, options: dict[st
 
 FEATURE_MODULES: list[str] = []  # modules whose import registers methods (appended by each feature)
 FEATURE_MODULES.append("compactlm.kv.runtime")
+FEATURE_MODULES.extend(["compactlm.attention.sals", "compactlm.attention.decode_baselines"])
 FEATURE_MODULES.append("compactlm.attention.prefill_sparse")
 
 
