@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .attention.prefill_bench import step_prefill
+from .attention.sals_demo import step_sals
 from .cli.common import print_table
 from .errors import ConfigError
 from .inspector.demo_step import step_inspect
 from .kv.demo_step import step_kv
+from .pipeline import step_pipeline
 from .prune.demo_step import step_prune
 from .quant.demo_step import step_quant
 
@@ -50,11 +52,13 @@ def step_baseline(ctx: DemoContext) -> list[dict[str, Any]]:
 
 STEPS: dict[str, Callable[[DemoContext], list[dict[str, Any]]]] = {
     "baseline": step_baseline,
-    "kv": step_kv,
     "quant": step_quant,
-    "prune": step_prune,
-    "prefill": step_prefill,
+    "kv": step_kv,
+    "sals": step_sals,
     "inspect": step_inspect,
+    "prefill": step_prefill,
+    "prune": step_prune,
+    "pipeline": step_pipeline,
 }
 
 
