@@ -30,18 +30,9 @@ import torch
 
 from compactlm.data import eval_windows
 from compactlm.inspector import InspectConfig, inspect
+from compactlm.inspector.faults import fake_rtn_ as rtn_
 from compactlm.models import get_adapter, load
 from compactlm.utils import machine_info, peak_rss_mib, set_quiet, write_json_atomic
-
-
-def rtn_(weight: torch.Tensor, bits: int, group: int = 64) -> None:
-    """Fake-quantize in place: asymmetric round-to-nearest per group of ``group`` input columns."""
-    out, inp = weight.shape
-    w = weight.data.reshape(out, inp // group, group)
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    q = ((w - lo) / scale).round().clamp(0, 2**bits - 1)
-    weight.data.copy_((q * scale + lo).reshape(out, inp))
 
 
 def main() -> None:

@@ -6,15 +6,12 @@ import copy
 
 import torch
 
+from compactlm.inspector.faults import fake_rtn_
+
 
 def rtn_(weight: torch.Tensor, bits: int, group: int = 16) -> None:
-    """Fake-quantize ``weight`` in place: asymmetric round-to-nearest per group of ``group`` input columns."""
-    out, inp = weight.shape
-    w = weight.data.reshape(out, inp // group, group)
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    q = ((w - lo) / scale).round().clamp(0, 2**bits - 1)
-    weight.data.copy_((q * scale + lo).reshape(out, inp))
+    """Fake-quantize ``weight`` in place with groups of 16 (the tiny models' widths)."""
+    fake_rtn_(weight, bits, group)
 
 
 def plant(model, name: str, fault: str) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
-from ..models.loading import FOLDER_LOADERS
+from ..models.loading import FOLDER_LOADERS, check_loaded_state
 from ..utils import atomic_directory, parse_dtype
 
 MARKER = "compactlm_sparsity.json"
@@ -164,13 +164,7 @@ def load_sparse(path: Path, dtype: torch.dtype | str | None = None, device: str 
         state[base] = decompress_24(state.pop(key), state.pop(f"{base}.bitmask"), state.pop(f"{base}.shape"))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
+    check_loaded_state(model, path, missing, unexpected)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(path))

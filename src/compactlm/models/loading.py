@@ -81,6 +81,17 @@ def _convert_gguf_to_folder(gguf: Path, target: Path) -> None:
         (tmp / "compactlm_source.json").write_text(json.dumps({"gguf": str(gguf), "dequantized_from": "Q4_1"}))
 
 
+def check_loaded_state(model, path: Path, missing: list[str], unexpected: list[str]) -> None:
+    """After ``load_state_dict(strict=False)`` of a compactlm folder: refuse a mismatch, re-tie tied embeddings."""
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+
+
 def has_tokenizer(folder: Path) -> bool:
     """Whether a checkpoint folder ships tokenizer files (a weights-only folder loads with tokenizer None)."""
     return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..models.loading import FOLDER_LOADERS
+from ..models.loading import FOLDER_LOADERS, check_loaded_state
 from ..modules.packed_linear import PackedLinear
 from ..utils import atomic_directory, parse_dtype
 from .common import replace_module
@@ -87,13 +87,7 @@ def load_packed(path: Path, dtype: torch.dtype | str | None = None, device: str 
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except (OSError, RuntimeError) as exc:
         raise ModelLoadError(f"could not read {path / 'model.safetensors'}: {exc}") from exc
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
+    check_loaded_state(model, path, missing, unexpected)
     # Scales are kept in their saved dtype; only dense floating parameters follow the requested dtype.
     for mod in model.modules():
         if not isinstance(mod, PackedLinear):
