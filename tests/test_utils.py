@@ -31,3 +31,18 @@ def test_json_and_machine_notes(tmp_path):
     write_json_atomic(tmp_path / "r.json", {"machine": machine_info("bf16")})
     data = json.loads((tmp_path / "r.json").read_text())["machine"]
     assert {"cpu", "cores", "torch", "threads", "date", "dtype"} <= set(data)
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("1")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
