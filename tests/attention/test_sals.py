@@ -65,17 +65,28 @@ def test_sparse_changes_output_and_compressed_holds_no_keys(model):
 
 
 def test_batch_padding_matches_unpadded_rows(model):
-    """Left-padded batch under SALS (sparse) gives each row what it gets alone."""
+    """Left-padded batch under SALS (sparse) gives each row what it gets alone.
+
+    Compared step by step on the scores: they must agree to fp32 rounding, and greedy tokens may only part ways at
+    a genuine near-tie of the top two logits (batched and single matmuls round differently).
+    """
     cfg = SALSConfig(rank=0.5, keep=6, sink=2, recent=3, dense_first=0, dense_last=0)
-    a, b = torch.randint(3, 256, (1, 30)), torch.randint(3, 256, (1, 22))
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(3, 256, (1, 30), generator=gen), torch.randint(3, 256, (1, 22), generator=gen)
     batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :8] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad(), sparse_attention(model, cfg):
-        both = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        alone = [model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0) for x in (a, b)]
-    assert torch.equal(both[0, 30:], alone[0][0, 30:])
-    assert torch.equal(both[1, 30:], alone[1][0, 22:])
+        both = model.generate(batch, attention_mask=mask, **kw)
+        alone = [model.generate(x, **kw) for x in (a, b)]
+    for row, single in enumerate(alone):
+        for step, (s_both, s_alone) in enumerate(zip(both.scores, single.scores, strict=True)):
+            torch.testing.assert_close(s_both[row], s_alone[0], atol=1e-4, rtol=1e-4)
+            if both.sequences[row, -6 + step] != single.sequences[0, -6 + step]:
+                top2 = s_alone[0].topk(2).values
+                assert (top2[0] - top2[1]).abs() < 1e-4, f"row {row} step {step}: tokens differ without a tie"
+                break
 
 
 @pytest.mark.parametrize("cfg", [OracleConfig(keep=1.0, sink=0, recent=1, dense_first=0, dense_last=0),
