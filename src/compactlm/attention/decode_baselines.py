@@ -26,7 +26,7 @@ from ..config import BaseConfig
 from ..errors import ConfigError
 from ..evaluation.methods import FULL, RuntimeMethod, register_method
 from ..kernels.sparse_decode import DecodeBuffers, sparse_gather_decode
-from .decode_common import CacheCapture, layer_ranges, padding_valid, resolve_count
+from .decode_common import CacheCapture, layer_ranges, padding_valid, resolve_count, validate_budget
 from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .selection import NEG, blocks_to_tokens, page_minmax, pool_heads, quest_bounds, streaming_tokens, topk_tokens
 
@@ -41,17 +41,7 @@ class _Budget(BaseConfig):
     dense_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        if isinstance(self.keep, bool) or not isinstance(self.keep, int | float) or self.keep <= 0 or (
-                isinstance(self.keep, float) and self.keep > 1):
-            raise ConfigError(f"{name}.keep must be a fraction in (0, 1] or a positive int count, got {self.keep!r}")
-        for f in ("sink", "dense_first", "dense_last"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
-                raise ConfigError(f"{name}.{f} must be an int ≥ 0, got {getattr(self, f)!r}")
-        if not isinstance(self.recent, int) or self.recent < 1:
-            raise ConfigError(f"{name}.recent must be an int ≥ 1 (the new token itself), got {self.recent!r}")
-        if self.dense_layers is not None:
-            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        validate_budget(self)
 
     def sparse_layers(self, num_layers: int) -> list[int]:
         return layer_ranges(num_layers, self.dense_first, self.dense_last, self.dense_layers)

@@ -4,7 +4,8 @@
   sparse layers in place (so ``model.generate`` works without passing a special cache) and lets the
   per-layer handlers find their cache layer;
 - :class:`RopeTable`: cos/sin rows by position, built once from the model's own rotary module;
-- :func:`decode_inputs`: the query's cos/sin and the padding mask of one decode call.
+- :func:`decode_inputs`: the query's cos/sin and the padding mask of one decode call;
+- :func:`validate_budget`: the checks of the budget fields (keep, sink, recent, dense layers) their configs share.
 """
 
 from __future__ import annotations
@@ -25,6 +26,33 @@ def resolve_count(value: float | int, total: int, name: str) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be ≥ 1 as a count, got {value}")
     return int(value)
+
+
+def validate_budget(cfg: Any, fractions: tuple[str, ...] = ("keep",)) -> None:
+    """Check the budget fields every decode method shares, naming the config class and field in each error.
+
+    ``fractions`` name the fields that take a fraction in (0, 1] or a positive int count (``keep``; SALS adds
+    ``rank`` and ``score_dims``); ``sink``, ``dense_first`` and ``dense_last`` are ints ≥ 0, ``recent`` an int
+    ≥ 1 (it always holds the new token), ``dense_layers`` None or layer indices ≥ 0, stored as a tuple so that
+    a config read back from JSON (a list) compares equal to the one written. Call it from ``__post_init__``.
+    """
+    cls = type(cfg).__name__
+    for name in fractions:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise ConfigError(f"{cls}.{name} must be a fraction in (0, 1] or a positive int count, got {v!r}")
+        if isinstance(v, float) and v > 1:
+            raise ConfigError(f"{cls}.{name}={v} is a float above 1; give a fraction in (0, 1] or an int count")
+    for name in ("sink", "dense_first", "dense_last"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{cls}.{name} must be an int ≥ 0, got {v!r}")
+    if not isinstance(cfg.recent, int) or cfg.recent < 1:
+        raise ConfigError(f"{cls}.recent must be an int ≥ 1 (the new token itself), got {cfg.recent!r}")
+    if cfg.dense_layers is not None:
+        if not all(isinstance(i, int) and i >= 0 for i in cfg.dense_layers):
+            raise ConfigError(f"{cls}.dense_layers must be layer indices ≥ 0 (or None), got {cfg.dense_layers!r}")
+        object.__setattr__(cfg, "dense_layers", tuple(cfg.dense_layers))
 
 
 def layer_ranges(num_layers: int, dense_first: int, dense_last: int, dense_layers: tuple[int, ...] | None) -> list[int]:

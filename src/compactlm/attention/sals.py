@@ -48,6 +48,7 @@ from .decode_common import (
     decode_inputs,
     layer_ranges,
     resolve_count,
+    validate_budget,
 )
 from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .sals_cache import SALSLayer, convert_cache
@@ -79,17 +80,7 @@ class SALSConfig(BaseConfig):
     value_group: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("rank", "score_dims", "keep"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise ConfigError(f"SALSConfig.{name} must be a positive fraction (< 1) or count, got {v!r}")
-            if isinstance(v, float) and v > 1:
-                raise ConfigError(f"SALSConfig.{name}={v} is a float above 1; give a fraction ≤ 1 or an int count")
-        for name in ("sink", "dense_first", "dense_last"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"SALSConfig.{name} must be an int ≥ 0, got {getattr(self, name)!r}")
-        if not isinstance(self.recent, int) or self.recent < 1:
-            raise ConfigError(f"SALSConfig.recent must be an int ≥ 1 (the new token itself), got {self.recent!r}")
+        validate_budget(self, fractions=("rank", "score_dims", "keep"))
         if self.mode not in MODES:
             raise ConfigError(f"SALSConfig.mode={self.mode!r}; use 'compressed' (latent keys only) or 'index'")
         if self.pool not in POOLS:
@@ -103,10 +94,6 @@ class SALSConfig(BaseConfig):
         if not isinstance(self.value_group, int) or self.value_group < 1:
             raise ConfigError(f"SALSConfig.value_group must be an int ≥ 1 (channels per scale), got "
                               f"{self.value_group!r}")
-        if self.dense_layers is not None:
-            if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):
-                raise ConfigError(f"SALSConfig.dense_layers must be layer indices ≥ 0, got {self.dense_layers!r}")
-            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
 
     def sparse_layers(self, num_layers: int) -> list[int]:
         return layer_ranges(num_layers, self.dense_first, self.dense_last, self.dense_layers)
