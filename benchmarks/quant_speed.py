@@ -14,7 +14,6 @@ quantization method does not change the kernels), tokens/s.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -25,18 +24,7 @@ import compactlm
 from compactlm.modules.packed_linear import PackedLinear, force_path, int4_crossover
 from compactlm.primitives.quant import QuantSpec, rtn
 from compactlm.quant import RTN
-from compactlm.utils import machine_info, write_json_atomic
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+from compactlm.utils import machine_info, median_time, write_json_atomic
 
 
 @torch.no_grad()
@@ -54,10 +42,10 @@ def kernel_rows(shapes, ms, threads, reps):
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 with force_path("int4"):
-                    t_int4 = median_ms(lambda x=x, layer=layer: layer(x), reps)
+                    t_int4 = 1e3 * median_time(lambda x=x, layer=layer: layer(x), warmup=3, repeat=reps)
                 with force_path("dequant"):
-                    t_deq = median_ms(lambda x=x, layer=layer: layer(x), reps)
-                t_dense = median_ms(lambda x=x, dense=dense: F.linear(x, dense), reps)
+                    t_deq = 1e3 * median_time(lambda x=x, layer=layer: layer(x), warmup=3, repeat=reps)
+                t_dense = 1e3 * median_time(lambda x=x, dense=dense: F.linear(x, dense), warmup=3, repeat=reps)
                 chosen = layer.choose_path(x)
                 rows.append({"threads": th, "out": n, "in": k, "group": g, "M": m, "int4_ms": t_int4,
                              "dequant_ms": t_deq, "bf16_dense_ms": t_dense, "int4_speedup_vs_bf16": t_dense / t_int4,

@@ -46,3 +46,27 @@ def test_outputs_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_median_time_warms_up_then_takes_the_median():
+    import time
+
+    from compactlm.errors import ConfigError
+    from compactlm.utils import median_time
+
+    calls = []
+    # The first (warm-up) call is slow and must not count; of the 3 timed calls one is an outlier (a busy
+    # machine): the median ignores both.
+    delays = iter([0.2, 0.0, 0.3, 0.0])
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(delays))
+
+    seconds = median_time(fn, warmup=1, repeat=3)
+    assert len(calls) == 4
+    assert 0 <= seconds < 0.1
+    assert median_time(lambda: time.sleep(0.02), warmup=0, repeat=1) >= 0.02
+    for bad in (dict(warmup=-1), dict(repeat=0), dict(repeat=2.0), dict(warmup=True)):
+        with pytest.raises(ConfigError, match="warmup|repeat"):
+            median_time(fn, **bad)

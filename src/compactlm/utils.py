@@ -1,4 +1,4 @@
-"""Small shared helpers: machine notes for results, atomic output, progress bars, peak memory."""
+"""Small shared helpers: machine notes for results, atomic output, progress bars, peak memory, timing."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +37,30 @@ def is_quiet() -> bool:
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterable[T]:
     return tqdm(iterable, desc=desc, total=total, leave=leave, disable=_QUIET, dynamic_ncols=True)
+
+
+def median_time(fn: Callable[[], Any], warmup: int = 1, repeat: int = 7) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` timed calls, after ``warmup`` untimed calls.
+
+    Why warm-up matters: the first calls of a kernel pay one-off costs that a steady-state figure must not
+    include: torch.compile / FlexAttention compilation, oneDNN primitive creation, allocator growth, lazily
+    built tables (RoPE, a PackedLinear's crossover), cold caches and page faults. Why the median: on a shared
+    machine a few calls are delayed by other processes; the median ignores them where a mean would not.
+    """
+    from .errors import ConfigError
+
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"median_time: warmup must be an int ≥ 0 (untimed calls), got {warmup!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ConfigError(f"median_time: repeat must be an int ≥ 1 (timed calls), got {repeat!r}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def cpu_model() -> str:

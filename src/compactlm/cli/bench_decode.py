@@ -13,9 +13,7 @@ import argparse
 import dataclasses
 import os
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,17 +36,6 @@ def parse_lengths(text: str) -> list[int]:
     if not out or min(out) < 256:
         raise ConfigError(f"--lengths needs lengths ≥ 256, got {text!r}")
     return out
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, rank: float, seed: int):
@@ -126,7 +113,10 @@ def _ideal(name: str, c: dict[str, Any]) -> float:
 def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeats: int,
               threads: list[int]) -> list[dict[str, Any]]:
     from ..kernels.sparse_decode import dense_grouped_decode
-    from ..utils import progress
+    from ..utils import median_time, progress
+
+    def time_ms(fn: Callable[[], Any]) -> float:  # ATTN-decode: median of `repeats` runs after 2 warm-up runs
+        return 1e3 * median_time(fn, warmup=2, repeat=repeats)
 
     heads, kv_heads, d = 32, 8, 128
     scaling = d ** -0.5
@@ -138,12 +128,12 @@ def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeat
             for nt in threads:
                 torch.set_num_threads(nt)
                 q, k, v = c["q"], c["k"], c["v"]
-                sdpa_ms = _time(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, scale=scaling, enable_gqa=True), repeats)
-                grouped_ms = _time(lambda q=q, k=k, v=v: dense_grouped_decode(q, k, v, scaling), repeats)
+                sdpa_ms = time_ms(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, scale=scaling, enable_gqa=True))
+                grouped_ms = time_ms(lambda q=q, k=k, v=v: dense_grouped_decode(q, k, v, scaling))
                 dense_ms, impl = min((sdpa_ms, "sdpa"), (grouped_ms, "grouped"))
                 for m in methods:
-                    ms = _time(_method_fn(m, c, scaling), repeats)
+                    ms = time_ms(_method_fn(m, c, scaling))
                     ideal = _ideal(m, c)
                     rows.append({"method": m, "length": length, "threads": nt, "ms": ms, "dense_ms": dense_ms,
                                  "dense_impl": impl, "sdpa_ms": sdpa_ms, "grouped_ms": grouped_ms,

@@ -8,9 +8,7 @@ warm-up; the dense baseline is the faster of SDPA and a compiled dense FlexAtten
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from typing import Any
 
 from ..errors import ConfigError
@@ -54,50 +52,42 @@ def register(groups) -> None:
     p.set_defaults(func=run)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation for FlexAttention)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
-
-
 def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
     from ..attention.prefill_sparse import select_blocks
     from ..kernels.block_prefill import block_attention_flex, dense_layout, flex_block_mask
-    from ..utils import parse_dtype
+    from ..utils import median_time, parse_dtype
+
+    def time_ms(fn) -> float:  # one warm-up run: it also compiles FlexAttention
+        return 1e3 * median_time(fn, warmup=1, repeat=args.repeats)
 
     dtype = parse_dtype(args.dtype)
     gen = torch.Generator().manual_seed(length)
     q = torch.randn(1, args.heads, length, args.head_dim, generator=gen).to(dtype)
     k = torch.randn(1, args.kv_heads, length, args.head_dim, generator=gen).to(dtype)
     v = torch.randn(1, args.kv_heads, length, args.head_dim, generator=gen).to(dtype)
-    sdpa_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                         args.repeats)
+    sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     log(f"S={length}: SDPA {sdpa_ms:.1f} ms")
     flex_ms = None
     if "flex" in args.dense:
         full = dense_layout(1, args.kv_heads, length, length, args.block_size)
         full_mask = flex_block_mask(full, args.heads)
-        flex_ms = _median_ms(lambda: block_attention_flex(q, k, v, full, block_mask=full_mask), args.repeats)
+        flex_ms = time_ms(lambda: block_attention_flex(q, k, v, full, block_mask=full_mask))
         log(f"S={length}: dense FlexAttention {flex_ms:.1f} ms")
     dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms or float("inf"), "flex_dense"))
     rows = []
     with torch.no_grad():
         for name, cfg in methods.items():
             layout = select_blocks(q, k, cfg)
-            select_ms = _median_ms(lambda cfg=cfg: select_blocks(q, k, cfg), args.repeats)
+            select_ms = time_ms(lambda cfg=cfg: select_blocks(q, k, cfg))
 
             def step(cfg=cfg):
                 lay = select_blocks(q, k, cfg)
                 return block_attention_flex(q, k, v, lay)
 
-            ms = _median_ms(step, args.repeats)
+            ms = time_ms(step)
             frac = layout.block_fraction()
             rows.append({"method": name, "length": length, "ms": ms, "dense_ms": dense_ms, "dense_impl": dense_impl,
                          "ratio": dense_ms / ms, "ideal_ratio": 1.0 / frac, "block_fraction": frac,

@@ -20,7 +20,6 @@ once per (out, in, group) shape in this process (:func:`int4_crossover`); ``forc
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..primitives.pack import pack_int32, unpack_int32
 from ..primitives.quant import dequantize
+from ..utils import median_time
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _CROSSOVER: dict[tuple[int, int, int], int] = {}  # (out, in, group) -> largest M where int4 is faster
@@ -47,16 +47,6 @@ def force_path(path: str | None) -> Iterator[None]:
         yield
     finally:
         _FORCE[0] = old
-
-
-def _median_time(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()
@@ -78,8 +68,8 @@ def int4_crossover(out_features: int, in_features: int, group_size: int, ms: tup
     best = 0
     for m in ms:
         x = torch.randn(m, in_features, dtype=torch.bfloat16)
-        t_int4 = _median_time(lambda x=x: layer._int4_matmul(x))
-        t_deq = _median_time(lambda x=x: F.linear(x, layer.dequantize_weight(torch.bfloat16)))
+        t_int4 = median_time(lambda x=x: layer._int4_matmul(x), warmup=1, repeat=7)
+        t_deq = median_time(lambda x=x: F.linear(x, layer.dequantize_weight(torch.bfloat16)), warmup=1, repeat=7)
         if t_int4 < t_deq:
             best = m
         else:
