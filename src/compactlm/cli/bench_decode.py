@@ -20,22 +20,15 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .common import add_common, emit_json, print_table
+from .common import add_bench_args, add_common, emit_json, print_table
+from .common import parse_lengths as common_parse_lengths
 
 METHODS = ("sals", "sals-index", "sals-index-mean", "quest", "streaming", "oracle")
 
 
 def parse_lengths(text: str) -> list[int]:
-    out = []
-    for tok in text.split(","):
-        t = tok.strip().lower()
-        try:
-            out.append(int(float(t[:-1]) * 1024) if t.endswith("k") else int(t))
-        except ValueError:
-            raise ConfigError(f"--lengths: {tok!r} is not a length (e.g. 4k,16k or 4096)") from None
-    if not out or min(out) < 256:
-        raise ConfigError(f"--lengths needs lengths ≥ 256, got {text!r}")
-    return out
+    """ATTN-decode cache lengths: ``4k,16k`` or ``4096``, each ≥ 256 tokens."""
+    return common_parse_lengths(text, minimum=256)
 
 
 def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, rank: float, seed: int):
@@ -192,12 +185,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def register(groups: dict[str, Any]) -> None:
     p = groups["bench"].add_parser("decode-attention", help="ATTN-decode: SALS and baselines vs the best dense decode")
-    add_common(p, model=False)
-    p.add_argument("--lengths", default="4k,16k,32k,64k", help="cache lengths, e.g. 4k,16k,32k,64k")
+    add_bench_args(p, lengths="4k,16k,32k,64k", lengths_help="cache lengths (≥ 256)", threads=None,
+                   threads_help="one thread count (default: current and 1)", min_repeats=10)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--dtype", default="bf16", help="bf16 (default, as PROTOCOL asks where the CPU has it) or fp32")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per figure (median; ≥ 10)")
-    p.add_argument("--threads", type=int, default=None, help="one thread count (default: current and 1)")
     p.set_defaults(func=_bench)
 
     sals = groups[""].add_parser("sals", help="SALS tools (calibrate the latent projections)")

@@ -12,20 +12,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
-from .common import emit_json, print_table
-
-
-def parse_lengths(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        try:
-            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
-        except ValueError:
-            raise ConfigError(f"--lengths takes sizes like 4k,8k,16k or 4096; could not read {part!r}") from None
-    if not out or min(out) < 128:
-        raise ConfigError(f"--lengths must list sequence lengths >= 128 tokens, got {text!r}")
-    return out
+from .common import add_bench_args, emit_json, parse_lengths, print_table
 
 
 def register(groups) -> None:
@@ -33,7 +20,8 @@ def register(groups) -> None:
         "prefill-attention", help="block-sparse prefill attention vs the best dense (ATTN-prefill)",
         description="Time block-sparse causal prefill attention (selection + kernel) against the fastest exact "
                     "dense causal attention (SDPA or compiled dense FlexAttention) on random inputs.")
-    p.add_argument("--lengths", default="4k,8k,16k,32k", help="sequence lengths (default 4k,8k,16k,32k)")
+    add_bench_args(p, lengths="4k,8k,16k,32k", lengths_help="sequence lengths (≥ 128)", threads=0,
+                   threads_help="torch threads (default: leave as is)")
     p.add_argument("--keep", type=float, default=0.25, help="keep-ratio method's budget (default 0.25; 0 = skip)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold method's score mass (default 0.9; 0 = skip)")
     p.add_argument("--score", default="lse", help="block score: mean, max, lse (default), quest, vertical_slash")
@@ -42,13 +30,8 @@ def register(groups) -> None:
     p.add_argument("--heads", type=int, default=8, help="query heads (default 8, the CPU shape)")
     p.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
-    p.add_argument("--dtype", default="bf16", help="bf16 (default) or fp32")
     p.add_argument("--dense", default="sdpa,flex",
                    help="dense baselines to time (default sdpa,flex: the faster one is the baseline)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median; default 10)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: leave as is)")
-    p.add_argument("--json", metavar="PATH", help="write results as JSON (atomically)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
 
@@ -103,7 +86,7 @@ def run(args) -> int:
     from ..attention.prefill_sparse import SparsePrefillConfig
     from ..utils import is_quiet, machine_info
 
-    lengths = parse_lengths(args.lengths)
+    lengths = parse_lengths(args.lengths, minimum=128)
     if not args.dense or not set(args.dense.split(",")) <= {"sdpa", "flex"}:
         raise ConfigError(f"--dense takes sdpa, flex or sdpa,flex; got {args.dense!r}")
     if args.repeats < 1:

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import ConfigError
 from ..utils import write_json_atomic
 
 
@@ -18,6 +19,37 @@ def add_common(parser: argparse.ArgumentParser, model: bool = True, json_out: bo
     if json_out:
         parser.add_argument("--json", metavar="PATH", help="also write the result as JSON (atomically)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_bench_args(parser: argparse.ArgumentParser, *, lengths: str, lengths_help: str, threads: int | None,
+                   threads_help: str, min_repeats: int = 1) -> None:
+    """The arguments every ``compactlm bench`` timing command takes (random inputs, no model).
+
+    ``--lengths`` (read with :func:`parse_lengths`), ``--dtype`` (bf16 by default, as PROTOCOL.md asks where
+    the CPU has it), ``--repeats`` (timed runs whose median is reported; each command checks its protocol's
+    minimum ``min_repeats``, shown in the help), ``--threads`` (its default and meaning are the command's),
+    ``--json`` and ``-q/--quiet``.
+    """
+    parser.add_argument("--lengths", default=lengths, help=f"{lengths_help}, k = 1024 tokens (default {lengths})")
+    parser.add_argument("--dtype", default="bf16", help="bf16 (default, as PROTOCOL asks where the CPU has it) or fp32")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help=f"timed runs per figure (median; default 10, at least {min_repeats})")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    add_common(parser, model=False)
+
+
+def parse_lengths(text: str, minimum: int) -> list[int]:
+    """``--lengths``: comma-separated token counts, ``k`` = 1024 (``4k,16k`` or ``4096``), each ≥ ``minimum``."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise ConfigError(f"--lengths takes sizes like 4k,16k or 4096; could not read {part!r}") from None
+    if not out or min(out) < minimum:
+        raise ConfigError(f"--lengths must list lengths ≥ {minimum} tokens, got {text!r}")
+    return out
 
 
 def emit_json(path: str | None, data: dict[str, Any]) -> None:
