@@ -29,6 +29,13 @@ def test_dead_columns_are_zeroed():
     assert bool((W[:, 2] == 0).all()) and float(H[2, 2]) == 1.0
 
 
+def test_prepare_without_weights_fixes_only_the_hessian():
+    H = torch.eye(4)
+    H[1, 1] = 0
+    assert prepare(H, None).tolist() == [False, True, False, False]
+    assert torch.equal(H, torch.eye(4))
+
+
 def test_non_pd_hessian_gets_more_damping_with_a_warning():
     v = torch.randn(8, 1)
     H = v @ v.t() - 0.5 * torch.eye(8)  # indefinite: 1% damping cannot fix it

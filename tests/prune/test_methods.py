@@ -149,14 +149,26 @@ def test_filter_fn_and_bad_config_type():
 
 
 def test_sparsegpt_hessian_damping_retries_and_fails_loudly():
-    from compactlm.errors import CalibrationError
-    from compactlm.prune.sparsegpt import damped_upper_inverse_cholesky
+    import warnings
 
-    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
-    h = 2 * x.t() @ x / 4  # rank 4 of 16, plus never-firing inputs: damping makes it invertible
+    from compactlm.errors import CalibrationError
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    x = torch.randn(4, 16, generator=g)
+    h = 2 * x.t() @ x / 4  # rank 4 of 16, plus a never-firing input: damping makes it invertible
     h[3] = 0
     h[:, 3] = 0
-    u, damp, retries = damped_upper_inverse_cholesky(h, 0.01)
-    assert torch.isfinite(u).all() and damp >= 0.01 and retries >= 0
-    with pytest.raises(CalibrationError, match="not positive definite"):
-        damped_upper_inverse_cholesky(-torch.eye(8) * 5 - torch.ones(8, 8), 0.01, retries=1)
+    new_w, keep, record = sparsegpt_prune(w, h, SparseGPT(sparsity=0.5, blocksize=16))
+    assert torch.isfinite(new_w).all() and record["damping"] >= 0.01 and record["damping_retries"] >= 0
+    assert (h[3] == 0).all()  # the caller's Hessian is left as it was
+    assert int((~keep).sum()) == 8 * 8  # exact 50 % sparsity with a dead input present
+    v = torch.randn(16, 1, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, record = sparsegpt_prune(w, v @ v.t() - 0.5 * torch.eye(16), SparseGPT(sparsity=0.5, blocksize=16))
+    assert record["damping_retries"] >= 1 and record["damping"] == pytest.approx(0.01 * 10 ** record["damping_retries"])
+    assert any("not positive definite" in str(c.message) for c in caught)
+    with pytest.raises(CalibrationError, match="layer.q.*singular"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsegpt_prune(w, -1e6 * torch.eye(16), SparseGPT(sparsity=0.5, blocksize=16), name="layer.q")

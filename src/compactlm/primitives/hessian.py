@@ -48,11 +48,16 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return torch.diag(H) == 0
 
 
-def prepare(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Handle dead inputs in place (H diagonal set to 1, the weight column zeroed, as GPTQ does); return the mask."""
+def prepare(H: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
+    """Handle dead inputs in place (H diagonal set to 1, the weight column zeroed, as GPTQ does); return the mask.
+
+    ``W=None`` fixes only ``H``: SparseGPT keeps the weights of dead inputs, since zeroing them would change
+    the sparsity it was asked for.
+    """
     dead = dead_columns(H)
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    if W is not None:
+        W[:, dead] = 0.0
     return dead
 
 

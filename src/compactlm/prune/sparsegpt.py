@@ -10,7 +10,8 @@ Deliberate deviations: the pruned count is allocated exactly per row (``scope='r
 rounded; inputs that never fire (a zero Hessian diagonal) are not zeroed, because that would change
 the sparsity — their weights just carry no calibration signal.
 
-The Hessian helpers (damping, Cholesky with retry) live here until ``primitives/hessian.py`` lands.
+The Hessian (accumulation, dead inputs, damping with retries, inverse Cholesky) comes from
+:mod:`compactlm.primitives.hessian`, shared with GPTQ.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, ConfigError
+from ..errors import ConfigError
+from ..primitives.hessian import HessianAccumulator, damped_inverse_cholesky, prepare
 from ..registry import register
 from .common import PruneConfig, PruneRun, execute, n_pruned
 
@@ -52,40 +54,20 @@ class SparseGPT(PruneConfig):
         return SparseGPTRun(self, keep_dense)
 
 
-# --- Hessian helpers (to be deduplicated with primitives/hessian.py) ------------------------------------------------
-def damped_upper_inverse_cholesky(h: torch.Tensor, dampening: float,
-                                  retries: int = 4) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU); λ grows ×10 per failed try.
-
-    Returns (U, relative damping used, number of retries). Raises CalibrationError if all tries fail.
-    """
-    h = h.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0  # an input that never fired: any positive curvature keeps H invertible
-    mean_diag = torch.diag(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    damp = dampening
-    for attempt in range(retries + 1):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper, damp, attempt
-        damp *= 10.0
-    raise CalibrationError(f"the Hessian is not positive definite even with {damp / 10:g} × its mean diagonal "
-                           "added; use more calibration samples or raise dampening")
-
-
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPT
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPT, name: str = "this layer"
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Prune ``weight`` (out, in) given the layer Hessian (in, in) = 2/N·XXᵀ.
 
-    Returns (updated weight with exact zeros, keep-mask, record with loss / damping).
+    Returns (updated weight with exact zeros, keep-mask, record with loss / damping). ``damping`` in the
+    record is relative to the mean Hessian diagonal (``config.dampening``, ×10 per retry).
     """
     w = weight.detach().float().clone()  # (out, in)
     rows, cols = w.shape
-    u, damp, retries = damped_upper_inverse_cholesky(hessian.float(), float(config.dampening))
+    h = hessian.detach().float().clone()
+    prepare(h, None)  # dead inputs: H_jj = 1 keeps H invertible; their weights stay (see the module docstring)
+    inv = damped_inverse_cholesky(h, float(config.dampening), max_retries=4, name=name)
+    u, retries = inv.Hinv_upper, inv.retries  # H⁻¹ = UᵀU
+    damp = float(config.dampening) * 10.0 ** retries
     prune = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
     losses = torch.zeros(rows, dtype=torch.float32, device=w.device)
     nm, bs = config.nm, config.blocksize
@@ -128,31 +110,18 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: SparseG
     return w.to(weight.dtype), ~prune, {"loss": float(losses.sum()), "damping": damp, "damping_retries": retries}
 
 
-@dataclasses.dataclass
-class Hessian:
-    h: torch.Tensor  # (in, in) fp32 running mean of 2·x xᵀ
-    tokens: int = 0
-
-
 class SparseGPTRun(PruneRun):
     true_sequential = True  # §3.5: each group sees the outputs of the groups already pruned
 
-    def new_stats(self, name: str, module: nn.Linear) -> Hessian:
-        n = module.in_features
-        return Hessian(torch.zeros(n, n, dtype=torch.float32, device=module.weight.device))
+    def new_stats(self, name: str, module: nn.Linear) -> HessianAccumulator:
+        return HessianAccumulator(module.in_features, device=module.weight.device)
 
-    def add_batch(self, stats: Hessian, name: str, module: nn.Linear, inp: torch.Tensor, out: torch.Tensor) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
-        t = x.shape[0]
-        if t == 0:
-            return
-        stats.h *= stats.tokens / (stats.tokens + t)
-        stats.tokens += t
-        x = x * (2.0 / stats.tokens) ** 0.5
-        stats.h += x.t() @ x
+    def add_batch(self, stats: HessianAccumulator, name: str, module: nn.Linear, inp: torch.Tensor,
+                  out: torch.Tensor) -> None:
+        stats.add(inp)
 
-    def prune(self, name: str, module: nn.Linear, stats: Hessian) -> tuple[torch.Tensor, dict[str, Any]]:
-        new_w, keep, record = sparsegpt_prune(module.weight, stats.h, self.config)
+    def prune(self, name: str, module: nn.Linear, stats: HessianAccumulator) -> tuple[torch.Tensor, dict[str, Any]]:
+        new_w, keep, record = sparsegpt_prune(module.weight, stats.H, self.config, name=name)
         module.weight.copy_(new_w)
         return keep, record
 
