@@ -12,41 +12,24 @@ The capture time is also reported in units of "a plain forward of both models on
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 import time
 
 import torch
-from inspector_planted import rtn_
+from _inspector_common import add_args, machine, setup
 
-from compactlm.data import eval_windows
 from compactlm.inspector import InspectConfig, inspect
-from compactlm.models import get_adapter, load
-from compactlm.utils import machine_info, peak_rss_mib, set_quiet, write_json_atomic
+from compactlm.utils import peak_rss_mib, write_json_atomic
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--impact-samples", type=int, default=2)
-    ap.add_argument("--impact-top", type=int, default=0, help="swap only the N largest isolated errors (0 = all)")
-    ap.add_argument("--threads", type=int, default=2)
+    add_args(ap, samples=8, impact_samples=2, impact_top_help="swap only the N largest isolated errors (0 = all)")
     ap.add_argument("--html")
-    ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    set_quiet(True)
-    ref, tok = load(args.model)
-    adapter = get_adapter(ref)
-    cand = copy.deepcopy(ref)
-    with torch.no_grad():
-        for i in range(adapter.num_layers):
-            for lin in adapter.linears(i).values():
-                rtn_(lin.weight, 4)
-    ids = eval_windows(tok, "wiki", seqlen=args.seqlen, windows=args.samples)
+    s = setup(args, quantize_bits=4)
+    ref, cand, ids = s.ref, s.cand, s.ids
     # Plain forward time of both models on the same tokens, the unit the inspector's cost is measured in.
     start = time.perf_counter()
     with torch.no_grad():
@@ -77,8 +60,7 @@ def main() -> None:
             "impact_s_per_swap": t["impact_s"] / max(1, t["impact_units"]),
             "operators": len(report.operators), "final_logits": report.data["final_logits"], "top10": top,
             "peak_rss_mib": peak_rss_mib(), "config": cfg.to_dict(), "command": "python " + shlex.join(sys.argv),
-            "machine": {**machine_info("float32"), "threads": args.threads,
-                        "note": "shared 2-core machine, other engineers' jobs running; times are upper bounds"}})
+            "machine": machine(args)})
 
 
 if __name__ == "__main__":

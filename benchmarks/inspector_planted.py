@@ -20,45 +20,28 @@ The tied ``lm_head`` / embedding is not planted (damaging one damages both).
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import shlex
 import sys
 import time
 
 import torch
+from _inspector_common import add_args, machine, setup
 
-from compactlm.data import eval_windows
 from compactlm.inspector import InspectConfig, inspect
 from compactlm.inspector.faults import fake_rtn_ as rtn_
-from compactlm.models import get_adapter, load
-from compactlm.utils import machine_info, peak_rss_mib, set_quiet, write_json_atomic
+from compactlm.utils import peak_rss_mib, write_json_atomic
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_args(ap, samples=1, impact_samples=1)
     ap.add_argument("--plants", type=int, default=24)
-    ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--impact-samples", type=int, default=1)
-    ap.add_argument("--impact-top", type=int, default=0)
     ap.add_argument("--background", choices=["none", "w4"], default="none")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    set_quiet(True)
-    ref, tok = load(args.model)
-    adapter = get_adapter(ref)
-    names = [f"{adapter.layer_prefix(i)}.{n}" for i in range(adapter.num_layers) for n in adapter.linears(i)]
-    cand = copy.deepcopy(ref)
-    if args.background == "w4":
-        with torch.no_grad():
-            for n in names:
-                rtn_(cand.get_submodule(n).weight, 4)
-    ids = eval_windows(tok, "wiki", seqlen=args.seqlen, windows=args.samples)
+    s = setup(args, quantize_bits=4 if args.background == "w4" else None)
+    ref, cand, names, ids = s.ref, s.cand, s.names, s.ids
     cfg = InspectConfig(impact_samples=args.impact_samples, impact_top=args.impact_top)
     rng = random.Random(args.seed)
     records = []
@@ -107,8 +90,7 @@ def main() -> None:
             "protocol": f"PPL-wiki-512 windowing, first {args.samples} window(s) of {args.seqlen} tokens; impact on "
                         f"{args.impact_samples}", "config": cfg.to_dict(), "summary": summary, "records": records,
             "peak_rss_mib": peak_rss_mib(), "command": "python " + shlex.join(sys.argv),
-            "machine": {**machine_info("float32"), "threads": args.threads,
-                        "note": "shared 2-core machine, other engineers' jobs running; times are upper bounds"}})
+            "machine": machine(args)})
 
 
 if __name__ == "__main__":
