@@ -8,12 +8,12 @@ import types
 import pytest
 
 from compactlm.attention.decode_baselines import OracleConfig, QuestConfig, StreamingConfig
-from compactlm.attention.decode_common import validate_budget
+from compactlm.attention.decode_common import DecodeBudget, validate_budget
 from compactlm.attention.sals import SALSConfig
 from compactlm.config import BaseConfig
 from compactlm.errors import ConfigError
 
-CLASSES = (SALSConfig, StreamingConfig, QuestConfig, OracleConfig)
+CLASSES = (DecodeBudget, SALSConfig, StreamingConfig, QuestConfig, OracleConfig)
 
 BAD = [
     ("keep", 0, "keep must be a fraction in (0, 1] or a positive int count, got 0"),

@@ -22,38 +22,21 @@ from typing import Any
 
 import torch
 
-from ..config import BaseConfig
 from ..errors import ConfigError
 from ..evaluation.methods import FULL, RuntimeMethod, register_method
 from ..kernels.sparse_decode import DecodeBuffers, sparse_gather_decode
-from .decode_common import CacheCapture, layer_ranges, padding_valid, resolve_count, validate_budget
+from .decode_common import CacheCapture, DecodeBudget, padding_valid, resolve_count
 from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .selection import NEG, blocks_to_tokens, page_minmax, pool_heads, quest_bounds, streaming_tokens, topk_tokens
 
 
 @dataclasses.dataclass(frozen=True)
-class _Budget(BaseConfig):
-    keep: float | int = 0.125
-    sink: int = 16
-    recent: int = 64
-    dense_first: int = 2
-    dense_last: int = 1
-    dense_layers: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        validate_budget(self)
-
-    def sparse_layers(self, num_layers: int) -> list[int]:
-        return layer_ranges(num_layers, self.dense_first, self.dense_last, self.dense_layers)
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamingConfig(_Budget):
+class StreamingConfig(DecodeBudget):
     """StreamingLLM at the same budget: ``sink`` first tokens + the last ``keep + recent`` tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestConfig(_Budget):
+class QuestConfig(DecodeBudget):
     """Quest page selection by min/max bounds; ``page`` tokens per page."""
 
     page: int = 16
@@ -65,7 +48,7 @@ class QuestConfig(_Budget):
 
 
 @dataclasses.dataclass(frozen=True)
-class OracleConfig(_Budget):
+class OracleConfig(DecodeBudget):
     """Oracle top-k over the true q·k scores, pooled over a GQA group by ``pool``."""
 
     pool: str = "max"

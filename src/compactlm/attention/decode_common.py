@@ -5,17 +5,20 @@
   per-layer handlers find their cache layer;
 - :class:`RopeTable`: cos/sin rows by position, built once from the model's own rotary module;
 - :func:`decode_inputs`: the query's cos/sin and the padding mask of one decode call;
-- :func:`validate_budget`: the checks of the budget fields (keep, sink, recent, dense layers) their configs share.
+- :class:`DecodeBudget`: the budget fields (keep, sink, recent, dense layers) their configs share, checked by
+  :func:`validate_budget`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ..config import BaseConfig
 from ..errors import ConfigError
 
 
@@ -53,6 +56,32 @@ def validate_budget(cfg: Any, fractions: tuple[str, ...] = ("keep",)) -> None:
         if not all(isinstance(i, int) and i >= 0 for i in cfg.dense_layers):
             raise ConfigError(f"{cls}.dense_layers must be layer indices ≥ 0 (or None), got {cfg.dense_layers!r}")
         object.__setattr__(cfg, "dense_layers", tuple(cfg.dense_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBudget(BaseConfig):
+    """The token budget every decode-time method shares, so that equal fields read equal numbers of tokens.
+
+    ``keep`` tokens chosen by the method's score (a fraction of the context or a count) plus the ``sink``
+    first and ``recent`` last tokens; the first ``dense_first`` and last ``dense_last`` layers (or an explicit
+    ``dense_layers`` list) stay dense. Subclasses add their own fields and may name more fraction-or-count
+    fields in ``FRACTIONS``.
+    """
+
+    FRACTIONS: ClassVar[tuple[str, ...]] = ("keep",)
+
+    keep: float | int = 0.125
+    sink: int = 16
+    recent: int = 64
+    dense_first: int = 2
+    dense_last: int = 1
+    dense_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        validate_budget(self, self.FRACTIONS)
+
+    def sparse_layers(self, num_layers: int) -> list[int]:
+        return layer_ranges(num_layers, self.dense_first, self.dense_last, self.dense_layers)
 
 
 def layer_ranges(num_layers: int, dense_first: int, dense_last: int, dense_layers: tuple[int, ...] | None) -> list[int]:

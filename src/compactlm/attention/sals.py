@@ -34,22 +34,14 @@ KIVI codes from :mod:`compactlm.kv.quantizer`, dequantized only for the chosen t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..config import BaseConfig
 from ..errors import ConfigError
 from ..evaluation.methods import RuntimeMethod, register_method
 from ..kernels.sparse_decode import DecodeBuffers, SelectParams, sals_decode
-from .decode_common import (
-    CacheCapture,
-    RopeTable,
-    decode_inputs,
-    layer_ranges,
-    resolve_count,
-    validate_budget,
-)
+from .decode_common import CacheCapture, DecodeBudget, RopeTable, decode_inputs, resolve_count
 from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .sals_cache import SALSLayer, convert_cache
 from .sals_calib import SALSProjections, projections_for
@@ -60,17 +52,17 @@ REDUCES = ("max", "mean", "logsumexp")
 
 
 @dataclasses.dataclass(frozen=True)
-class SALSConfig(BaseConfig):
-    """SALS decode sparse attention (arXiv 2510.24273, §4). See the module docstring for the fields."""
+class SALSConfig(DecodeBudget):
+    """SALS decode sparse attention (arXiv 2510.24273, §4). See the module docstring for the fields.
+
+    ``keep``, ``sink``, ``recent``, ``dense_first``, ``dense_last`` and ``dense_layers`` (and their checks)
+    come from :class:`~.decode_common.DecodeBudget`, shared with the baselines.
+    """
+
+    FRACTIONS: ClassVar[tuple[str, ...]] = ("rank", "score_dims", "keep")
 
     rank: float | int = 0.25
     score_dims: float | int = 0.5
-    keep: float | int = 0.125
-    sink: int = 16
-    recent: int = 64
-    dense_first: int = 2
-    dense_last: int = 1
-    dense_layers: tuple[int, ...] | None = None
     mode: str = "compressed"
     pool: str = "max"
     block: int = 1
@@ -80,7 +72,7 @@ class SALSConfig(BaseConfig):
     value_group: int = 32
 
     def __post_init__(self) -> None:
-        validate_budget(self, fractions=("rank", "score_dims", "keep"))
+        super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"SALSConfig.mode={self.mode!r}; use 'compressed' (latent keys only) or 'index'")
         if self.pool not in POOLS:
@@ -94,9 +86,6 @@ class SALSConfig(BaseConfig):
         if not isinstance(self.value_group, int) or self.value_group < 1:
             raise ConfigError(f"SALSConfig.value_group must be an int ≥ 1 (channels per scale), got "
                               f"{self.value_group!r}")
-
-    def sparse_layers(self, num_layers: int) -> list[int]:
-        return layer_ranges(num_layers, self.dense_first, self.dense_last, self.dense_layers)
 
     def ranks(self, width: int) -> tuple[int, int]:
         """(r, r*) for a joint key width n_kv·d."""
