@@ -9,8 +9,10 @@ short still leaves its finished rows, marked ``complete: false``).
         --json benchmarks/results/quant/quality_quick.json
 
 ``--quick`` = 32 calibration sequences (CALIB-pg-512-q) and 40 windows (PPL-wiki-512-q); the full
-protocol is 128 and 200. Settings: ``base``, ``rtn:B``, ``gptq:B``, ``aptq:AVG`` (menu 2/4); all g64,
-asymmetric, fp32. Wall time and peak RSS are per setting (RSS is the process peak so far).
+protocol is 128 and 200. Settings: ``base``, ``rtn:B``, ``gptq:B``, ``aptq:AVG[:MENU]`` (MENU as digits,
+default ``24`` = the paper's 2/4; ``234`` = 2/3/4), ``aptqlayer:AVG[:MENU]`` (the local Hessian-trace
+sensitivity instead of the loss-gradient one), ``aptqplain:AVG[:MENU]`` (plain GPTQ Hessians for q/k/v);
+all g64, asymmetric, fp32. Wall time and peak RSS are per setting (RSS is the process peak so far).
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def make_config(setting: str, group_size: int):
         return RTN(bits=int(value), group_size=group_size)
     if kind == "gptq":
         return GPTQ(bits=int(value), group_size=group_size)
-    if kind == "aptq":
-        return APTQ(avg_bits=float(value), group_size=group_size)
-    if kind == "aptqplain":  # ablation: APTQ allocation with plain GPTQ Hessians for q/k/v
-        return APTQ(avg_bits=float(value), group_size=group_size, attention_aware=False)
+    if kind in ("aptq", "aptqlayer", "aptqplain"):
+        avg, _, menu = value.partition(":")
+        options = {"bits_menu": tuple(int(c) for c in menu)} if menu else {}
+        if kind == "aptqlayer":  # ablation: the local Hessian-trace sensitivity
+            options["sensitivity"] = "layer"
+        if kind == "aptqplain":  # ablation: APTQ allocation with plain GPTQ Hessians for q/k/v
+            options["attention_aware"] = False
+        return APTQ(avg_bits=float(avg), group_size=group_size, **options)
     raise SystemExit(f"unknown setting {setting!r}")
 
 
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--json", required=True)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--note", default="", help="machine note recorded with the result (e.g. what else was running)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               "protocol": {"ppl": "PPL-wiki-512-q" if args.quick else "PPL-wiki-512",
                            "calibration": f"CALIB-pg-512{'-q' if args.quick else ''} ({nsamples} x 512)"},
               "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-              "machine": {**machine_info(torch.float32), "note": "shared 2-core machine, heavily loaded by other "
-                          "engineers' jobs during the run (load average ~20): wall times are upper bounds"},
+              "machine": {**machine_info(torch.float32), "note": args.note},
               "rows": [], "complete": False}
     del model
     for setting in args.settings.split(","):
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                           for r in report.get("layers", [])))
             if "allocation" in report:
                 row["bits_per_layer"] = report["allocation"]
+                row["estimated_cost"] = report["estimated_cost"]
         start = time.perf_counter()
         r = perplexity(model, input_ids=ids, show_progress=False)
         row.update(ppl=r.ppl, tokens=r.tokens, eval_seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib())

@@ -65,3 +65,36 @@ def test_v_weights_are_exact_attention_mixing_and_k_weights_match_autograd():
     Jq = torch.autograd.functional.jacobian(lambda qq: attn_out(k, qq), q)  # (B,H,T,D, B,H,T,D)
     ref_q = torch.stack([Jq[0, 0, t, :, 0, 0, t, :].pow(2).sum() for t in range(T)]) / D
     torch.testing.assert_close(wq[0], ref_q, rtol=0.15, atol=1e-4)
+
+
+def test_loss_sensitivity_decreases_with_bits_and_follows_the_output_gradient(tiny_llama):
+    """'loss' sensitivity = ½ Σ_i G_ii ΔW_i A ΔW_iᵀ: fewer bits cost more, and a layer whose output the loss cares
+    1e6× more about is given the widest width."""
+    from compactlm.primitives.fisher import output_gradient_moments
+    from compactlm.quant.aptq import SensitivityRun, allocation_items
+    from compactlm.quant.common import quant_targets
+
+    cfg = APTQ(avg_bits=3.0, group_size=16, bits_menu=(2, 3, 4))
+    targets = quant_targets(tiny_llama, cfg, None)
+    grads = output_gradient_moments(tiny_llama, CALIB, targets)
+    probe = SensitivityRun(tiny_llama, cfg, grads)
+    probe.run(tiny_llama, CALIB, targets, "sens")
+    assert all(s[2] > s[3] > s[4] > 0 for s in probe.sens.values())
+    hot = "model.layers.1.mlp.down_proj"
+    boosted = {**grads, hot: grads[hot] * 1e6}
+    probe2 = SensitivityRun(tiny_llama, cfg, boosted)
+    probe2.run(tiny_llama, CALIB, targets, "sens")
+    torch.testing.assert_close(probe2.sens[hot][2], probe.sens[hot][2] * 1e6, rtol=1e-4, atol=0)
+    numel = {n: m.weight.numel() for n, m in targets.items()}
+    bits = allocate(allocation_items(tiny_llama, targets, True), numel, probe2.sens, (2, 3, 4), 3.0, {})
+    assert bits[hot] == 4
+
+
+def test_layer_sensitivity_and_bad_sensitivity_names(tiny_llama):
+    report = {}
+    compactlm.quantize(tiny_llama, APTQ(avg_bits=3.0, group_size=16, sensitivity="layer"), calib=CALIB, report=report)
+    assert quant_summary(tiny_llama)["avg_bits"] == 3.0
+    with pytest.raises(ConfigError, match="sensitivity must be"):
+        APTQ(sensitivity="hessian")
+    with pytest.raises(ConfigError, match="sensitivity_quantizer"):
+        APTQ(sensitivity_quantizer="awq")

@@ -23,12 +23,25 @@ needs a Hessian of the Kronecker form ``I_out ⊗ H_in`` per block of output row
   norms (Qwen3, Gemma 3) are left out of the chain rule, and the allocation is an exact knapsack instead
   of a sorted threshold, so the average meets the target exactly.
 
-Sensitivity of a layer at ``b`` bits (HAWQ-V2 style, §3.3): ``Σ_blocks tr(H_block)/d_in · ‖W_block −
-RTN_b(W_block)‖²``, measured on the full-precision model in a first calibration pass. The allocation
-picks one width per item from ``bits_menu`` minimising total sensitivity with ``Σ bits·numel`` exactly
-``avg_bits · Σ numel`` (weight-only bits); pinned layers keep their width; fused groups (q/k/v, gate/up,
-all routed experts of a layer) form one item when ``share_fused`` (vLLM fuses them into one matmul and
-needs one scheme per fused module).
+Sensitivity of a layer at ``b`` bits (§3.3 ranks layers by the trace of the *loss* Hessian with
+respect to their weights, HAWQ-V2 style: trace times the size of the quantization perturbation). Two
+estimates, chosen by ``sensitivity``:
+
+- ``"loss"`` (default): the loss Hessian in Kronecker (Fisher/K-FAC) form ``G ⊗ A`` — ``G`` the second
+  moment of the loss gradient at the layer's output, from one full-model backward pass per calibration
+  batch (:mod:`compactlm.primitives.fisher`), ``A`` the layer's input second moment — so the loss a
+  quantized weight adds is ``½ Σ_i G_ii ΔW_i A ΔW_iᵀ``. The softmax of attention is inside ``G`` for
+  q/k/v (the gradient flows through it), which is the attention-awareness of §3.2 for the allocation.
+  ``ΔW`` is the error GPTQ itself leaves at that width (``sensitivity_quantizer="gptq"``) or RTN's.
+- ``"layer"``: the local estimate ``Σ_blocks tr(H_block)/d_in · ‖W_block − RTN_b(W_block)‖²`` with the
+  layer's own (attention-aware for q/k/v) Hessian. Cheaper (no backward pass), but blind to where in the
+  network the layer sits; on SmolLM2-135M it sent every late layer to 2 bits and lost badly to uniform
+  W3 (PPL-wiki-512-q 291.7 vs 51.4), which is why ``"loss"`` is the default.
+
+The allocation picks one width per item from ``bits_menu`` minimising total sensitivity with
+``Σ bits·numel`` exactly ``avg_bits · Σ numel`` (weight-only bits); pinned layers keep their width;
+fused groups (q/k/v, gate/up, all routed experts of a layer) form one item when ``share_fused`` (vLLM
+fuses them into one matmul and needs one scheme per fused module).
 """
 
 from __future__ import annotations
@@ -45,11 +58,12 @@ from ..attention.runtime import attention_override
 from ..errors import ConfigError
 from ..layerwise import run as layerwise_run
 from ..models.adapter import get_adapter
+from ..primitives.fisher import output_gradient_moments
 from ..primitives.hessian import HessianAccumulator
 from ..primitives.quant import SUPPORTED_BITS, dequantize, rtn
 from ..registry import register
 from .common import layer_filter, quant_targets
-from .gptq import GPTQ, GPTQRun, run_and_pack
+from .gptq import GPTQ, GPTQRun, run_and_pack, solve_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,8 @@ class APTQ(GPTQ):
     - ``share_fused``: one width per fused group (q/k/v; gate/up; all experts of a layer).
     - ``attention_aware``: q/k/v Hessians from the attention output (§3.2); False = plain GPTQ Hessians.
     - ``probes``: Hutchinson probes for the q_proj Jacobian norm.
+    - ``sensitivity``: ``"loss"`` (loss-gradient-weighted, global) or ``"layer"`` (local Hessian trace).
+    - ``sensitivity_quantizer``: whose error enters the ``"loss"`` sensitivity, ``"gptq"`` or ``"rtn"``.
     """
 
     avg_bits: float = 3.0
@@ -70,6 +86,8 @@ class APTQ(GPTQ):
     share_fused: bool = True
     attention_aware: bool = True
     probes: int = 8
+    sensitivity: str = "loss"
+    sensitivity_quantizer: str = "gptq"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +107,11 @@ class APTQ(GPTQ):
                 raise ConfigError(f"pin pattern {pattern!r} is not a valid regex: {exc}") from None
         if self.probes < 1:
             raise ConfigError(f"probes must be >= 1, got {self.probes}")
+        if self.sensitivity not in ("loss", "layer"):
+            raise ConfigError(f"sensitivity must be 'loss' (loss-gradient weighted) or 'layer' (local Hessian "
+                              f"trace), got {self.sensitivity!r}")
+        if self.sensitivity_quantizer not in ("gptq", "rtn"):
+            raise ConfigError(f"sensitivity_quantizer must be 'gptq' or 'rtn', got {self.sensitivity_quantizer!r}")
 
 
 # --- attention-aware statistics ----------------------------------------------------------------------
@@ -207,30 +230,60 @@ class _AttnAware:
 
 
 class SensitivityRun(_AttnAware):
-    """First pass: per-linear sensitivity at each menu width on the unmodified model; changes nothing."""
+    """First pass: per-linear sensitivity at each menu width on the unmodified model; changes nothing.
+
+    With ``grad_moments`` (the ``"loss"`` sensitivity) the q/k/v statistics are plain input moments:
+    the loss gradient already carries the attention's effect.
+    """
 
     true_sequential = False
     needs_reference_outputs = False
 
-    def __init__(self, model: nn.Module, cfg: APTQ):
+    def __init__(self, model: nn.Module, cfg: APTQ, grad_moments: dict[str, torch.Tensor] | None = None):
         self._init_attn(model, cfg)
+        self.grad_moments = grad_moments
+        self.attention_aware = cfg.attention_aware and grad_moments is None
         self.sens: dict[str, dict[int, float]] = {}
 
+    def new_stats(self, name: str, module: nn.Linear) -> Any:
+        if not self.attention_aware:
+            return HessianAccumulator(module.in_features, device=module.weight.device)
+        return super().new_stats(name, module)
+
     def solve(self, name, module, stats, ctx) -> dict[str, Any]:
-        Hs = stats.H if isinstance(stats, AttnStats) else [stats.H]
+        full = f"{ctx.prefix}.{name}"
         W = module.weight.detach().float()
-        step = W.shape[0] // len(Hs)
         out: dict[int, float] = {}
-        for bits in self.cfg.bits_menu:
-            total = 0.0
-            for b, H in enumerate(Hs):
-                Wb = W[b * step:(b + 1) * step]
-                codes, s, z = rtn(Wb, self.cfg.spec(bits))
-                total += float(torch.diag(H).mean()) * float((Wb - dequantize(codes, s, z)).pow(2).sum())
-            out[bits] = total
-        self.sens[f"{ctx.prefix}.{name}"] = out
+        if self.grad_moments is not None:
+            A, G = stats.H, self.grad_moments[full].to(W.device)
+            keep_zero = (W == 0) if self.cfg.respect_sparsity and bool((W == 0).any()) else None
+            for bits in self.cfg.bits_menu:
+                spec = self.cfg.spec(bits)
+                if self.cfg.sensitivity_quantizer == "gptq":
+                    Q = solve_rows(W, A, spec, self.cfg, keep_zero, full).weight
+                else:
+                    Q = dequantize(*rtn(W, spec))
+                dW = W - Q
+                out[bits] = 0.5 * float((G * ((dW @ A) * dW).sum(1)).sum())
+        else:
+            Hs = stats.H if isinstance(stats, AttnStats) else [stats.H]
+            step = W.shape[0] // len(Hs)
+            for bits in self.cfg.bits_menu:
+                total = 0.0
+                for b, H in enumerate(Hs):
+                    Wb = W[b * step:(b + 1) * step]
+                    codes, s, z = rtn(Wb, self.cfg.spec(bits))
+                    total += float(torch.diag(H).mean()) * float((Wb - dequantize(codes, s, z)).pow(2).sum())
+                out[bits] = total
+        self.sens[full] = out
         self.end_group(name)
         return {"sensitivity": out}
+
+    def run(self, model, calib, targets, desc, device=None):
+        handlers = {i: self.handler for i in range(self.adapter.num_layers)} if self.attention_aware else {}
+        with attention_override(model, handlers):
+            return layerwise_run(model, calib, self, device=device, batch_size=self.cfg.batch_size,
+                                 filter_fn=layer_filter(targets), desc=desc)
 
     def refine_layer(self, ctx, targets, reference_outputs) -> None:
         return None
@@ -336,12 +389,19 @@ def apply_aptq(model: nn.Module, cfg: APTQ, calib=None, filter_fn=None, report: 
                               "or set share_fused=False")
         if widths:
             pinned.update({n: widths.pop() for n in it})
-    probe = SensitivityRun(model, cfg)
+    grads = None
+    if cfg.sensitivity == "loss":
+        grads = output_gradient_moments(model, calib, targets, batch_size=min(cfg.batch_size, 4),
+                                        desc="APTQ loss gradients")
+    probe = SensitivityRun(model, cfg, grads)
     probe.run(model, calib, targets, "APTQ sensitivity", device)
     bits_for = allocate(items, numel, probe.sens, cfg.bits_menu, cfg.avg_bits, pinned)
     if report is not None:
         report["sensitivity"] = probe.sens
         report["allocation"] = bits_for
+        # The allocation's estimated cost beside every uniform width of the menu (same estimate, same units).
+        report["estimated_cost"] = {"allocation": sum(probe.sens[n][b] for n, b in bits_for.items() if n in probe.sens),
+                                    **{f"uniform_{b}": sum(s[b] for s in probe.sens.values()) for b in cfg.bits_menu}}
     runner = APTQRun(model, cfg, bits_for)
     with attention_override(model, {i: runner.handler for i in range(runner.adapter.num_layers)}
                             if cfg.attention_aware else {}):
