@@ -285,7 +285,9 @@ def test_bench_cli_writes_protocol_rows(tmp_path, capsys):
     for r in rows.values():
         assert {"method", "length", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio", "block_fraction",
                 "select_share"} <= set(r)
-        assert r["ideal_ratio"] == pytest.approx(1 / r["block_fraction"]) and 0 < r["select_share"] < 1
+        # select_share divides two separately timed runs, so on a loaded machine it can exceed 1: only its
+        # presence and sign are checked here (speed belongs to benchmarks, not unit tests).
+        assert r["ideal_ratio"] == pytest.approx(1 / r["block_fraction"]) and r["select_share"] > 0
     assert main(["bench", "prefill-attention", "--lengths", "four-k"]) == 2
     assert main(["bench", "prefill-attention", "--lengths", "1k", "--dense", "cudnn"]) == 2
     assert "--lengths takes sizes" in capsys.readouterr().err
