@@ -34,8 +34,18 @@ def register(groups) -> None:
                    help="swap only the N operators with the largest isolated error (0 = all that differ)")
     p.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=True,
                    help="also run candidate operators on the reference's inputs (default on)")
-    p.add_argument("--attn", metavar="METHOD", help="run CANDIDATE with a runtime attention method (attn:<name>, "
-                                                    "e.g. sparse attention); implies --no-impact")
+    p.add_argument("--kv", metavar="intN", help="run CANDIDATE with a KIVI-style quantized KV cache (int2, int4, "
+                                                "int8), simulated in the forward: each token attends to the cache "
+                                                "as it would be stored when that token is decoded")
+    p.add_argument("--kv-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="KVQuant field for --kv (repeatable): group_size, residual, sinks, pre_rope, "
+                        "value_group_size, meta_dtype")
+    p.add_argument("--attn", metavar="METHOD",
+                   help="run CANDIDATE with a runtime prefill attention method (sparse-prefill, or any attn:<name> "
+                        "that changes prefill; impact is off for the latter). Decode-only methods (sals-*, quest, "
+                        "streaming, oracle) are refused: a forward pass does not exercise them")
+    p.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the --attn method (repeatable), e.g. keep_ratio=0.25, dense_head=0")
     p.add_argument("--top", type=int, default=15, help="rows in the terminal table")
     p.add_argument("--html", metavar="PATH", help="write the HTML report (inline SVG plots)")
     p.add_argument("--csv", metavar="PATH", help="write one CSV row per operator")
@@ -68,12 +78,72 @@ def _models(p) -> None:
     p.add_argument("--dtype", default="fp32", help="dtype of both models: fp32 (default), bf16, fp16")
 
 
-def _load_pair(args):
+def _load_pair(args, share: bool = False):
     from ..models import load
 
     ref, tok = load(args.ref, dtype=args.dtype)
+    if share and args.candidate == args.ref:
+        return ref, ref, tok  # a runtime-only candidate: one model, the runtime attached to the candidate pass
     cand, cand_tok = load(args.candidate, dtype=args.dtype)
     return ref, cand, tok or cand_tok
+
+
+def _options(pairs: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` strings to a dict; numbers, true/false and none are converted."""
+    from ..errors import ConfigError
+
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        low = text.lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low == "none":
+            value = None
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _runtime(args, cand) -> list:
+    """The candidate's runtime items from --kv / --attn (configs where possible, so impact can follow them)."""
+    from ..errors import ConfigError
+
+    items = []
+    if args.kv:
+        from ..kv.config import KVQuant
+
+        if args.kv not in ("int2", "int4", "int8"):
+            raise ConfigError(f"--kv takes int2, int4 or int8, got {args.kv!r}")
+        try:
+            items.append(KVQuant(bits=int(args.kv[3:]), **_options(args.kv_opt, "--kv-opt")))
+        except TypeError as exc:
+            raise ConfigError(f"--kv-opt: {exc}; KVQuant fields: group_size, residual, sinks, pre_rope, "
+                              "value_group_size, meta_dtype") from None
+    elif args.kv_opt:
+        raise ConfigError("--kv-opt needs --kv int2|int4|int8")
+    if args.attn:
+        options = _options(args.attn_opt, "--attn-opt")
+        if args.attn == "sparse-prefill":
+            from ..attention.prefill_sparse import config_from_options
+
+            items.append(config_from_options(options))
+        else:
+            from ..evaluation.methods import build_method
+
+            items.append(build_method(cand, "attn", args.attn, options))
+    elif args.attn_opt:
+        raise ConfigError("--attn-opt needs --attn METHOD")
+    return items
 
 
 def _ids(tok, model, data: str, n: int, seqlen: int) -> torch.Tensor:
@@ -93,23 +163,22 @@ def _ids(tok, model, data: str, n: int, seqlen: int) -> torch.Tensor:
 
 def run_inspect(args) -> int:
     from ..errors import ConfigError
+    from ..evaluation.methods import RuntimeMethod
     from ..inspector import InspectConfig, inspect
 
-    ref, cand, tok = _load_pair(args)
-    context = None
-    if args.attn:
-        from ..evaluation.methods import build_method
-
-        context = build_method(cand, "attn", args.attn, {}).attach
+    ref, cand, tok = _load_pair(args, share=bool(args.kv or args.attn))
+    runtime = _runtime(args, cand)
+    if any(isinstance(r, RuntimeMethod) and not r.shares_prefill for r in runtime) and args.impact:
+        print(f"note: --attn {args.attn} is an opaque runtime method: no consumer-aware impact (--no-impact)")
         args.impact = False
     cfg = InspectConfig(isolated=args.isolated, impact=args.impact, impact_samples=args.impact_samples,
                         impact_top=args.impact_top, batch_size=args.batch_size)
     if args.top < 0:
         raise ConfigError(f"--top must be ≥ 0, got {args.top}")
     ids = _ids(tok, ref, args.data, args.samples, args.seqlen)
-    report = inspect(ref, cand, ids, cfg, candidate_context=context)
+    report = inspect(ref, cand, ids, cfg, candidate_runtime=runtime or None)
     report.data.update(reference_spec=args.ref, candidate_spec=args.candidate, data=args.data,
-                       attn=args.attn)
+                       kv=args.kv, kv_opt=args.kv_opt, attn=args.attn, attn_opt=args.attn_opt)
     print(report.table(args.top))
     if args.json:
         report.write_json(args.json)

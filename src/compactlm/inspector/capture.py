@@ -150,7 +150,8 @@ class Capture:
 
     def __init__(self, ref: nn.Module, cand: nn.Module, ops: list[Operator], *, isolated: bool = True,
                  attention_probs: bool = True,
-                 candidate_context: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None):
+                 candidate_context: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+                 runtime_modules: set[str] | None = None):
         self.ref, self.cand, self.ops = ref, cand, ops
         self.isolated, self.attention_probs = isolated, attention_probs
         self.candidate_context = candidate_context
@@ -163,10 +164,15 @@ class Capture:
             self.by_module.setdefault(op.module, []).append(op)
         # A module with the reference's type and bit-identical parameters and buffers computes exactly the
         # reference's output on the reference's input, so its isolated error is zero without a re-run. Not
-        # assumed under a runtime context, which may change how an unchanged module computes.
+        # assumed under an opaque runtime context, which may change how any module computes; under a resolved
+        # runtime (``runtime_modules``: the attention modules it handles) it is assumed everywhere else, since
+        # the other layers then run exactly the reference's attention function.
         cache: dict[str, bool] = {}  # one comparison per tensor, shared by an operator and its ancestors
-        self.exact = {} if candidate_context else {
-            p: _same_state(p, ref.get_submodule(p), cand.get_submodule(p), cache) for p in self.by_module}
+        changed = runtime_modules or set()
+        self.exact = {} if candidate_context and runtime_modules is None else {
+            p: not any(m == p or m.startswith(p + ".") or not p for m in changed)
+            and _same_state(p, ref.get_submodule(p), cand.get_submodule(p), cache) for p in self.by_module}
+        self.candidate_probs_seen = False
 
     # --- hooks -----------------------------------------------------------------------------------------
     def _ref_hooks(self, outs: dict, ins: dict) -> list:
@@ -187,13 +193,15 @@ class Capture:
         return handles
 
     def _cand_hooks(self, outs: dict, ins: dict) -> list:
-        handles, busy, same = [], [False], {}
+        handles, busy, same, masks = [], [False], {}, {}
         for path, ops in self.by_module.items():
             mod = self.cand.get_submodule(path)
 
             def pre(m, args, kwargs, path=path):
                 if not busy[0] and path in ins:
                     same[path] = _same_inputs(_tensors(args, kwargs), _tensors(*ins[path]))
+                    if "attention_mask" in kwargs:
+                        masks[path] = kwargs["attention_mask"]
 
             def post(m, args, output, path=path, ops=ops):
                 if busy[0] or path not in ins and self.isolated:
@@ -204,6 +212,11 @@ class Capture:
                     busy[0] = True  # the re-run must not re-enter these hooks (its children are hooked too)
                     try:
                         ref_args, ref_kwargs = ins[path]
+                        if path in masks and "attention_mask" in ref_kwargs:
+                            # Same content (it follows from the token ids), in the format the candidate's own
+                            # attention function expects (a runtime handler takes SDPA's bool/None mask, the
+                            # eager reference built an additive one).
+                            ref_kwargs = {**ref_kwargs, "attention_mask": masks[path]}
                         iso_output = m(*ref_args, **ref_kwargs)
                     finally:
                         busy[0] = False
@@ -227,6 +240,8 @@ class Capture:
         modes = [(self.accumulated[op.name], pick(output))]
         if self.isolated and not same and not exact:
             modes.append((self.isolated_stats[op.name], pick(iso_output)))
+        if op.kind == "attention_probs" and modes[0][1] is not None:
+            self.candidate_probs_seen = True
         for stats, cand in modes:
             if cand is None or cand.shape != ref.shape:
                 self.skipped[op.name] += 1
@@ -258,9 +273,10 @@ class Capture:
         handles = []
         try:
             with ctx, eager_attention(self.cand, self.attention_probs) as eager:
-                self.probs_available["candidate"] = eager
                 handles = self._cand_hooks(outs, ins)
                 self.cand(input_ids=input_ids.to(_device(self.cand)), use_cache=False)
+            # Eager, or a runtime whose handlers return probabilities (the KV-store simulation, eager fall-backs).
+            self.probs_available["candidate"] = eager or self.candidate_probs_seen
         finally:
             for h in handles:
                 h.remove()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +79,14 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def consumer_impact(ref: nn.Module, cand: nn.Module, units: list[Operator],
-                    input_ids: torch.Tensor) -> dict[str, Impact]:
-    """Impact of each unit on ``input_ids`` (B, T), swapping the candidate's module into ``ref`` one at a time."""
+def consumer_impact(ref: nn.Module, cand: nn.Module, units: list[Operator], input_ids: torch.Tensor,
+                    contexts: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]] | None = None,
+                    ) -> dict[str, Impact]:
+    """Impact of each unit on ``input_ids`` (B, T), swapping the candidate's module into ``ref`` one at a time.
+
+    ``contexts[name](ref)``, where given, is entered with that unit's swap: a runtime candidate's attention
+    handler installed on that unit's layer alone (a KV-cache store or sparse attention in one layer).
+    """
     adapter = get_adapter(ref)
     layers = adapter.layers
     ids = input_ids.to(next(ref.parameters()).device)
@@ -100,7 +105,9 @@ def consumer_impact(ref: nn.Module, cand: nn.Module, units: list[Operator],
     for op in progress(units, desc="impact (one operator swapped at a time)"):
         start_time = time.perf_counter()
         start = 0 if op.kind == "embedding" else (adapter.num_layers if op.layer is None else op.layer)
-        with _swapped(ref, op.module, cand.get_submodule(op.module)), _skip_layers(layers, cached, start):
+        extra = contexts.get(op.name) if contexts else None
+        with _swapped(ref, op.module, cand.get_submodule(op.module)), _skip_layers(layers, cached, start), \
+                (extra(ref) if extra else contextlib.nullcontext()):
             logits = ref(input_ids=ids, use_cache=False).logits
         kl = kl_from_logits(ref_logits, logits)
         results[op.name] = Impact(kl=float(kl.mean()), kl_max=float(kl.max()),

@@ -26,6 +26,7 @@ from ..utils import machine_info, peak_rss_mib, progress
 from .capture import Capture, check_compatible, discover_operators
 from .impact import consumer_impact, select_units
 from .metrics import hist_edges
+from .runtime import runtime_scope
 
 
 @dataclass(frozen=True)
@@ -109,33 +110,65 @@ def _sort_key(op: dict[str, Any]) -> tuple:
 def inspect(ref: nn.Module, cand: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor],
             config: InspectConfig | None = None,
             candidate_context: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
-            ) -> InspectionReport:
+            candidate_runtime: Any = None) -> InspectionReport:
     """Compare every operator of ``cand`` with ``ref`` on ``batches`` of token ids; return the ranked report.
 
     ``batches`` is an (N, T) id tensor (split into ``config.batch_size`` rows) or an iterable of (B, T)
-    tensors. ``candidate_context(cand)``, if given, is entered around each candidate forward (a runtime
-    method's ``attach``, e.g. sparse attention); the consumer-aware impact needs module swaps, so it is
-    refused with a runtime context.
+    tensors. ``candidate_runtime`` runs the candidate with a runtime method (:mod:`.runtime`): a ``KVQuant``
+    (or ``PerLayer`` of them: the KV cache's store simulated in the forward), a prefill attention config
+    such as ``SparsePrefillConfig``, a list of those, or a prefill ``RuntimeMethod``; ``cand`` may be
+    ``ref`` itself. Its attention blocks are units of the consumer-aware impact (the method on that layer
+    alone), except for an opaque ``RuntimeMethod``. ``candidate_context(cand)``, the lower-level form, is
+    entered around each candidate forward as is; impact is refused with it (it needs module swaps).
     """
     cfg = config or InspectConfig()
     items = _batches(batches, cfg.batch_size)
-    if cfg.impact and candidate_context is not None:
-        raise ConfigError("consumer-aware impact swaps candidate modules into the reference and cannot follow a "
-                          "runtime context (candidate_context); pass InspectConfig(impact=False) / --no-impact")
+    if candidate_context is not None and candidate_runtime is not None:
+        raise ConfigError("pass either candidate_runtime or candidate_context, not both")
     for m in (ref, cand):
         m.eval()
     ops = discover_operators(ref)
     check_compatible(ref, cand, ops)
+    with contextlib.ExitStack() as stack:
+        runtime, described = None, None
+        if candidate_runtime is not None:
+            runtime = stack.enter_context(runtime_scope(cand, candidate_runtime))
+            described = runtime.description
+            if runtime.opaque:
+                candidate_context = runtime.attach
+                runtime = None
+        if cfg.impact and candidate_context is not None:
+            raise ConfigError("consumer-aware impact swaps candidate modules into the reference and cannot follow an "
+                              "opaque runtime context (candidate_context or a RuntimeMethod); pass its config as "
+                              "candidate_runtime, or InspectConfig(impact=False) / --no-impact")
+        report = _inspect(ref, cand, items, cfg, ops, candidate_context, runtime)
+        report.data["candidate_runtime"] = described
+        return report
+
+
+def _inspect(ref, cand, items, cfg: InspectConfig, ops, candidate_context, runtime) -> InspectionReport:
+    runtime_ops: dict[int, str] = {}
+    if runtime is not None:
+        names = {id(m): n for n, m in cand.named_modules()}
+        adapter = get_adapter(cand)
+        runtime_ops = {i: names[id(adapter.attention(i))] for i in runtime.handlers}
+        candidate_context = (lambda m: runtime.context(m, eager=cfg.attention_probs))  # noqa: E731
     capture = Capture(ref, cand, ops, isolated=cfg.isolated, attention_probs=cfg.attention_probs,
-                      candidate_context=candidate_context)
+                      candidate_context=candidate_context,
+                      runtime_modules=set(runtime_ops.values()) if runtime is not None else None)
     start = time.perf_counter()
     for batch in progress(items, desc="inspect (reference + candidate passes)"):
         capture.run_batch(batch)
     capture_s = time.perf_counter() - start
 
     impacts: dict = {}
-    units = select_units(ops, {n: s.differs for n, s in
-                               (capture.isolated_stats if cfg.isolated else capture.accumulated).items()})
+    differs = {n: s.differs for n, s in (capture.isolated_stats if cfg.isolated else capture.accumulated).items()}
+    units = select_units(ops, differs)
+    # A runtime's attention block is a unit even when its projections differ too (weights + runtime):
+    # its swap then carries both, and the projections are also ranked on their own.
+    extra = [op for op in ops if op.kind == "attention" and op.name in runtime_ops.values() and differs[op.name]
+             and op not in units]
+    units = [op for op in ops if op in units or op in extra]
     impact_s, impact_units = 0.0, 0
     if cfg.impact and units:
         swapped = units
@@ -143,8 +176,10 @@ def inspect(ref: nn.Module, cand: nn.Module, batches: torch.Tensor | Iterable[to
             swapped = sorted(units, key=lambda o: -capture.isolated_stats[o.name].summary()["nsr"])[: cfg.impact_top]
         seqlen = items[0].size(1)
         rows = torch.cat([b for b in items if b.size(1) == seqlen])[: cfg.impact_samples]
+        contexts = {op.name: (lambda m, i=op.layer: runtime.context(m, eager=False, layers=[i]))
+                    for op in swapped if op.name in runtime_ops.values()}
         start = time.perf_counter()
-        impacts = consumer_impact(ref, cand, swapped, rows)
+        impacts = consumer_impact(ref, cand, swapped, rows, contexts)
         impact_s, impact_units = time.perf_counter() - start, len(swapped)
 
     unit_names = {u.name for u in units}
@@ -175,6 +210,7 @@ def inspect(ref: nn.Module, cand: nn.Module, batches: torch.Tensor | Iterable[to
         "sequences": sum(b.size(0) for b in items), "tokens": tokens,
         "final_logits": {k: logits.get(k) for k in ("kl", "kl_max", "sqnr_db", "cosine")},
         "attention_probs_available": dict(capture.probs_available),
+        "candidate_runtime": None,
         "timing": {"capture_s": capture_s, "impact_s": impact_s, "impact_units": impact_units,
                    "impact_tokens": min(cfg.impact_samples, items[0].size(0) * len(items)) * items[0].size(1)
                    if impact_units else 0, "peak_rss_mib": peak_rss_mib()},
