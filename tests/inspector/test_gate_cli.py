@@ -71,6 +71,7 @@ def test_gate_cli_exit_codes(folders, tmp_path, capsys):
     assert main(["gate", ref, cand, "--max-kl", "1e-3", "--json", str(tmp_path / "g.json"), *common]) == 1
     out = json.loads((tmp_path / "g.json").read_text())
     assert out["passed"] is False and out["checks"][0]["name"] == "logit_kl"
+    assert out["command"].startswith(f"compactlm gate {ref} {cand} --dtype fp32 --max-kl 0.001 --data random")
     assert "gate: FAIL" in capsys.readouterr().out
     assert main(["gate", ref, cand, *common]) == 2  # no threshold
     assert "no check" in capsys.readouterr().err

@@ -204,5 +204,18 @@ def run_gate(args) -> int:
                  for c in result.checks])
     print(f"gate: {'PASS' if result.passed else 'FAIL'} ({result.seconds:.1f} s)")
     emit_json(args.json, {**result.to_dict(), "reference": args.ref, "candidate": args.candidate,
-                          "config": cfg.to_dict(), "machine": machine_info(args.dtype)})
+                          "config": cfg.to_dict(), "command": _gate_command(args), "machine": machine_info(args.dtype)})
     return 0 if result.passed else 1
+
+
+def _gate_command(args) -> str:
+    """The command line that reproduces this gate run (from the parsed arguments, not sys.argv)."""
+    import shlex
+
+    parts = ["compactlm", "gate", args.ref, args.candidate, "--dtype", args.dtype]
+    for opt in ("max-ppl-delta", "max-ppl-ratio", "max-kl", "max-ruler-drop", "data", "windows", "seqlen",
+                "batch-size"):
+        value = getattr(args, opt.replace("-", "_"))
+        if value is not None:
+            parts += [f"--{opt}", str(value)]
+    return shlex.join(parts + (["--json", args.json] if args.json else []))
