@@ -91,6 +91,8 @@ def test_planted_kv_layer_is_ranked_first(tiny4, ids):
     assert report.top(1)[0]["name"] == "model.layers.2.self_attn"
     assert report.data["timing"]["impact_units"] == 4
     assert [d["layers"] for d in report.data["candidate_runtime"]] == [[0, 1, 3], [2]]
+    assert ("candidate runtime: KV cache int8 (group 8, residual 8) on layers 0-1,3; KV cache int2 (group 8, "
+            "residual 8) on layers 2") in report.table()
 
 
 def test_runtime_impact_equals_a_forward_with_that_layer_alone(tiny4, ids):

@@ -90,6 +90,35 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def runtime_summary(data: dict[str, Any]) -> str:
+    """One line naming the candidate's runtime method(s) and their layers ('' when there is none)."""
+    parts = []
+    for item in data.get("candidate_runtime") or []:
+        cfg = item.get("config") or {}
+        if item["kind"] == "kv-store":
+            what = (f"KV cache int{cfg['bits']} (group {cfg['group_size']}, residual {cfg['residual']}"
+                    + (f", sinks {cfg['sinks']}" if cfg.get("sinks") else "") + (", pre-RoPE" if cfg.get("pre_rope")
+                                                                                else "") + ")")
+        elif item["kind"] == "attention":
+            what = cfg.get("type", "attention")
+        else:
+            what = f"method {item.get('name')}"
+        layers = item.get("layers")
+        parts.append(what + (f" on layers {_spans(layers)}" if layers is not None else ""))
+    return ("candidate runtime: " + "; ".join(parts)) if parts else ""
+
+
+def _spans(layers: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
+
+
 def terminal_table(report, top: int = 15) -> str:
     d = report.data
     cols = ("rank", "operator", "kind", "impact_kl", "dloss", "iso_sqnr", "acc_sqnr", "iso_cos", "risk")
@@ -108,6 +137,8 @@ def terminal_table(report, top: int = 15) -> str:
     lines.append(f"final logits: KL {_fmt(fl.get('kl'))} nats/token, SQNR {_fmt(fl.get('sqnr_db'))} dB; "
                  f"{differing} differing operator(s); {d['tokens']:,} tokens; capture {t['capture_s']:.1f} s, "
                  f"impact {t['impact_s']:.1f} s ({t['impact_units']} swaps)")
+    if runtime_summary(d):
+        lines.append(runtime_summary(d))
     if not rows:
         lines.append("no operator differs: the candidate computes exactly what the reference computes")
     return "\n".join(lines)
@@ -245,7 +276,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}</style></head><bo
 <p>Reference {html.escape(d['reference']['architecture'])} ({d['reference']['parameters']:,} parameters) vs candidate;
 {d['sequences']} sequences, {d['tokens']:,} tokens. Final logits: KL {_fmt(fl.get('kl'))} nats/token,
 SQNR {_fmt(fl.get('sqnr_db'))} dB, cosine {_fmt(fl.get('cosine'))}. Capture {t['capture_s']:.1f} s;
-consumer-aware impact {t['impact_s']:.1f} s over {t['impact_units']} swapped operators.</p>
+consumer-aware impact {t['impact_s']:.1f} s over {t['impact_units']} swapped operators.
+{html.escape(runtime_summary(d))}</p>
 {''.join(f'<div>{c}</div>' for c in charts)}
 <h2>Operators ranked by impact (first 60)</h2>{''.join(table)}
 <p>Machine: {html.escape(str(d['machine']))}</p></body></html>"""
