@@ -18,7 +18,8 @@ Two modes per operator, both from one reference pass and one candidate pass per 
 
 Attention probabilities exist only on the eager path, so both passes run with ``eager`` attention while
 capturing (restored afterwards); a candidate whose own runtime attention is active (``compactlm``
-handlers, e.g. sparse attention) keeps it, and its probabilities are reported as unavailable.
+handlers, e.g. sparse attention or the KV-store simulation of :mod:`.runtime`) keeps it, and its
+probabilities are compared where its handlers return them (``probs_available["candidate"]``).
 Memory: one batch's reference outputs (and inputs for the isolated mode) are held at a time.
 """
 
