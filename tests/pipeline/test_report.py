@@ -122,3 +122,10 @@ def test_page_renders_in_headless_chromium_without_console_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert console == []
     assert proc.stdout.count("<svg") == 8 and "Weight bits per linear layer" in proc.stdout
+
+
+def test_a_zero_score_is_drawn_as_a_measurement_and_a_missing_one_is_not():
+    from compactlm.report.html import bar_chart
+
+    svg = bar_chart("RULER-syn at 2048 tokens (score %)", {"base": 50.0, "compressed": 0.0, "other": None}, "%")
+    assert svg.count("not measured") == 1 and "0 %" in svg

@@ -30,8 +30,9 @@ def test_dequant_path_matches_reference(bits, sym):
 
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_kernel_matches_reference(m, group):
-    layer, (codes, s, z, _b) = _layer(4, out=128, inp=256, group=group)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_kernel_matches_reference(m, group, bits):
+    layer, (codes, s, z, _b) = _layer(bits, out=128, inp=256, group=group)
     x = torch.randn(m, 256, dtype=torch.bfloat16)
     ref = x.float() @ dequantize(codes, s, z).t()
     with force_path("int4"):
@@ -50,5 +51,5 @@ def test_path_choice_comes_from_a_measurement():
     x1 = torch.randn(1, 256, dtype=torch.bfloat16)
     assert layer.choose_path(x1) == ("int4" if limit >= 1 else "dequant")
     assert layer.choose_path(torch.randn(1, 256)) == "dequant"  # fp32 activations never take the bf16 kernel
-    with pytest.raises(ValueError, match="int4 path needs 4 bits"), force_path("int4"):
-        _layer(3)[0].choose_path(x1)
+    with pytest.raises(ValueError, match="int4 path needs 2-4 bits"), force_path("int4"):
+        _layer(8)[0].choose_path(x1)

@@ -21,6 +21,8 @@ def register(groups) -> None:
     p.add_argument("--bits-menu", default="2,4", help="APTQ widths to choose from (default 2,4)")
     p.add_argument("--pin", action="append", default=[], metavar="REGEX=BITS",
                    help="APTQ: fix the width of layers matching REGEX (repeatable)")
+    p.add_argument("--sensitivity", choices=["loss", "layer"], default="loss",
+                   help="APTQ sensitivity: loss-gradient weighted (default) or the local Hessian trace")
     p.add_argument("--no-share-fused", action="store_true",
                    help="APTQ: let q/k/v and gate/up take different widths (vLLM needs them equal)")
     p.add_argument("--group-size", type=int, default=64, help="columns per scale/zero; -1 = per channel (default 64)")
@@ -56,7 +58,8 @@ def build_config(args):
             raise ConfigError(f"--bits-menu takes comma-separated integers (got {args.bits_menu!r}) and --pin takes "
                               f"REGEX=BITS (got {args.pin})") from None
         return APTQ(avg_bits=3.0 if args.avg_bits is None else args.avg_bits, bits_menu=menu, pin=pin,
-                    share_fused=not args.no_share_fused, act_order=not args.no_act_order, damp=args.damp, **common)
+                    share_fused=not args.no_share_fused, act_order=not args.no_act_order, damp=args.damp,
+                    sensitivity=args.sensitivity, **common)
     if args.avg_bits is not None:
         raise ConfigError(f"--avg-bits is for --method aptq; {args.method} takes a uniform --bits")
     bits = 4 if args.bits is None else args.bits

@@ -10,6 +10,9 @@ Two compute paths, both exact to the same dequantized weight up to the activatio
 
 - ``int4``: PyTorch's CPU int4 kernel ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with bf16
   activations. It computes ``w = (q - 8) * s + z'``, so our zero becomes ``z' = (8 - zero) * scale``.
+  2- and 3-bit layers use it too: each group's codes are shifted by ``8 - zero`` into 4-bit codes
+  (the additive zero is then exactly 0), repacked once into the kernel's 4-bit layout — so at run time
+  such a layer holds its b-bit codes plus a 4-bit kernel copy.
 - ``dequant``: unpack, dequantize to the activation dtype, ``F.linear`` (every bit width, every device).
 
 The int4 kernel wins at small M (decode) and loses at larger M (measured here: ≈4× faster at M=1,
@@ -125,16 +128,24 @@ class PackedLinear(nn.Module):
 
     # --- compute paths --------------------------------------------------------------------------------
     def int4_supported(self) -> bool:
-        return (self.bits == 4 and self.g_idx is None and self.qdata.device.type == "cpu"
+        # 2- and 3-bit codes shifted by 8 - zero are valid 4-bit codes (see _int4_operands).
+        return (self.bits in (2, 3, 4) and self.g_idx is None and self.qdata.device.type == "cpu"
                 and self.group_size in INT4_GROUP_SIZES and self.in_features % self.group_size == 0)
 
     def _int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.qdata.device
         if self._int4_cache is None or self._int4_cache[2] != dev:
             q = self.codes().to(torch.int32)
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             s = self.scale.float()
-            z = (8.0 - self.zero.float()) * s  # the kernel's additive zero: (q - 8)·s + z' = (q - zero)·s
+            if self.bits < 4:
+                # Shift each group's codes so that its zero lands on the kernel's 8: q + 8 - zero stays in
+                # [0, 15] for 2/3-bit codes, and the additive zero is then exactly 0 (a bf16 z' = (8 - zero)·s
+                # would add a rounding offset shared by the whole group).
+                q = q + (8 - self.zero.to(torch.int32)).repeat_interleave(self.group_size, dim=1)
+                z = torch.zeros_like(s)
+            else:
+                z = (8.0 - self.zero.float()) * s  # the kernel's additive zero: (q - 8)·s + z' = (q - zero)·s
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, out, 2)
             self._int4_cache = (weight, sz, dev)
         return self._int4_cache[0], self._int4_cache[1]
@@ -148,7 +159,7 @@ class PackedLinear(nn.Module):
         forced = _FORCE[0]
         if forced == "int4":
             if not self.int4_supported():
-                raise ValueError(f"the int4 path needs 4 bits, a CPU tensor, no g_idx and a group size in "
+                raise ValueError(f"the int4 path needs 2-4 bits, a CPU tensor, no g_idx and a group size in "
                                  f"{INT4_GROUP_SIZES}; this layer has bits={self.bits}, group={self.group_size}")
             return "int4"
         if forced == "dequant" or not self.int4_supported() or x.dtype != torch.bfloat16:

@@ -51,7 +51,9 @@ class Evaluate:
     - ``ruler_lengths`` / ``ruler_samples`` / ``ruler_tasks``: RULER-syn lengths, samples per task and
       length, tasks (empty lengths = skip).
     - ``inspect_samples``: 512-token sequences for the precision inspector's top offenders (0 = skip).
-    - ``speed``: time prefill (``speed_prefill`` tokens) and greedy decode (``speed_decode`` tokens).
+    - ``speed``: time prefill (``speed_prefill`` tokens) and greedy decode (``speed_decode`` tokens), with
+      both models cast to ``speed_dtype`` (bf16 by default: the serving dtype, and the one PyTorch's CPU
+      int4 kernel takes); speed is measured last, after the quality figures, on the cast copies.
     """
 
     ppl_windows: int = 40
@@ -61,6 +63,7 @@ class Evaluate:
     speed: bool = True
     speed_prefill: int = 1024
     speed_decode: int = 32
+    speed_dtype: str = "bf16"
     inspect_samples: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class Evaluate:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"evaluate.{name} must be an integer >= 0, got {v!r}")
+        if self.speed_dtype not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"evaluate.speed_dtype must be bf16, fp16 or fp32, got {self.speed_dtype!r}")
         if any(not isinstance(n, int) or n < 128 for n in self.ruler_lengths):
             raise ConfigError(f"evaluate.ruler_lengths are context lengths in tokens (>= 128), got "
                               f"{self.ruler_lengths}")

@@ -53,8 +53,8 @@ def bar_chart(title: str, series: dict[str, float | None], unit: str = "", width
     for k, (label, v) in enumerate(rows):
         y = top + k * (bar_h + gap)
         parts.append(f'<text x="{left - 6}" y="{y + 15}" font-size="12" text-anchor="end">{_e(label)}</text>')
-        if isinstance(v, int | float) and math.isfinite(v) and v > 0:
-            w = max(1.0, span * scale(v))
+        if isinstance(v, int | float) and math.isfinite(v) and v >= 0:  # 0 is a measurement (a RULER score)
+            w = max(1.0, span * scale(v)) if v > 0 else 1.0
             parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" '
                          f'fill="{PALETTE[k % len(PALETTE)]}"/>')
             parts.append(f'<text x="{left + w + 4:.1f}" y="{y + 15}" font-size="12">{_num(v)} {_e(unit)}</text>')

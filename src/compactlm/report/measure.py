@@ -6,12 +6,14 @@
   cache, and compressed weights with the recipe's KV cache and attention (the whole recipe);
 - memory: weight bytes (parameters + buffers, packed codes and scales included) and KV-cache bytes per token
   after a ``speed_prefill``-token prefill of the wiki text;
-- speed: prefill tokens/s and greedy decode tokens/s (``speed_decode`` tokens), one run each, same process;
+- speed: prefill tokens/s and greedy decode tokens/s (``speed_decode`` tokens), one run each, same process,
+  on copies of both models cast to ``speed_dtype`` (bf16 by default);
 - the precision inspector's top offenders (``inspect_samples`` > 0).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -91,13 +93,6 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
         b = perplexity(base, tokenizer, windows=ev.ppl_windows)
         c = perplexity(model, tokenizer, windows=ev.ppl_windows)
         out["ppl"] = {"protocol": b.protocol, "tokens": b.tokens, "base": b.ppl, "compressed": c.ppl}
-    if ev.speed and tokenizer is not None:
-        log(f"memory and speed: {ev.speed_prefill}-token prefill, {ev.speed_decode} greedy decode tokens")
-        ids = eval_windows(tokenizer, "wiki", ev.speed_prefill + 1, 1)[:1]
-        out["speed"] = {"base": memory_and_speed(base, FULL, ids, ev.speed_decode),
-                        "weights_only": memory_and_speed(model, FULL, ids, ev.speed_decode),
-                        "compressed": memory_and_speed(model, method, ids, ev.speed_decode),
-                        "note": "one run each, in this process, on a machine shared with other work"}
     if ev.ruler_lengths and ev.ruler_samples and tokenizer is not None:
         from ..evaluation.ruler import run_ruler
 
@@ -120,5 +115,22 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
         batches = eval_windows(tokenizer, "wiki", 512, ev.inspect_samples)
         rep = inspect(base, model, batches, InspectConfig(impact=False, attention_probs=False))
         out["inspector"] = [_inspector_row(op) for op in rep.top(10)]
+    if ev.speed and tokenizer is not None:
+        # Last, because the models are cast to the serving dtype for it (the quality figures above are in `dtype`).
+        from ..utils import parse_dtype
+
+        sdt = parse_dtype(ev.speed_dtype)
+        log(f"memory and speed ({ev.speed_dtype}): {ev.speed_prefill}-token prefill, {ev.speed_decode} greedy decode "
+            "tokens")
+        ids = eval_windows(tokenizer, "wiki", ev.speed_prefill + 1, 1)[:1]
+        base.to(sdt)  # a fresh load, dropped below
+        fast = copy.deepcopy(model).to(sdt)  # the compressed model itself stays as it is (it is saved next)
+        fast_method = recipe_method(fast, recipe, name=recipe.name)
+        out["speed"] = {"dtype": ev.speed_dtype,
+                        "base": memory_and_speed(base, FULL, ids, ev.speed_decode),
+                        "weights_only": memory_and_speed(fast, FULL, ids, ev.speed_decode),
+                        "compressed": memory_and_speed(fast, fast_method, ids, ev.speed_decode),
+                        "note": f"one run each, {ev.speed_dtype}, in this process"}
+        del fast
     del base
     return out
