@@ -1,5 +1,6 @@
 """Runtime candidates: a simulated quantized KV cache and sparse prefill attention in the inspector."""
 
+import contextlib
 import copy
 import json
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 from inspector_helpers import plant
 
+from compactlm.attention.decode_baselines import OracleConfig, StreamingConfig
 from compactlm.attention.decode_common import DecodeBudget
 from compactlm.attention.prefill_sparse import SparsePrefillConfig
 from compactlm.cli import main
@@ -143,7 +145,7 @@ def test_weights_and_runtime_together(tiny4, ids):
 def test_decode_only_and_bad_runtimes_are_refused(tiny4, ids):
     with pytest.raises(ConfigError, match="decode-only"):
         inspect(tiny4, tiny4, ids, candidate_runtime=DecodeBudget())
-    with pytest.raises(ConfigError, match="decode-only.*KVQuant config"):
+    with pytest.raises(ConfigError, match="quantized KV cache.*KVQuant config"):
         inspect(tiny4, tiny4, ids, candidate_runtime=build_method(tiny4, "kv", "int4"))
     with pytest.raises(ConfigError, match="decode-only"):
         inspect(tiny4, tiny4, ids, candidate_runtime=build_method(tiny4, "attn", "streaming"))
@@ -188,3 +190,80 @@ def test_cli_kv_and_attn(tmp_path, capsys):
                  "--json", str(tmp_path / "sp.json")]) == 0
     sp = json.loads((tmp_path / "sp.json").read_text())
     assert sp["candidate_runtime"][0]["kind"] == "attention" and sp["operators"][0]["kind"] == "attention"
+
+
+# --- decode mode: decode-only sparse attention on its decode path ------------------------------------------
+
+def _budget(cls=StreamingConfig, **kw):
+    return cls(**{"keep": 4, "sink": 2, "recent": 4, "dense_first": 0, "dense_last": 0, **kw})
+
+
+def test_decode_mode_locates_the_sparse_layer(tiny4):
+    ids = torch.randint(3, 256, (2, 80), generator=torch.Generator().manual_seed(6))
+    report = inspect(tiny4, tiny4, ids, InspectConfig(decode_tokens=12), candidate_runtime=_budget(
+        OracleConfig, dense_layers=(0, 1, 3)))
+    assert {o["name"] for o in report.operators if o["unit"]} == {"model.layers.2.self_attn"}
+    top = report.top(1)[0]
+    assert top["name"] == "model.layers.2.self_attn" and top["impact"]["kl"] > 0 and top["isolated"]["sqnr_db"] < 60
+    for name in ("model.layers.1.self_attn", "model.layers.2.self_attn.q_proj", "model.embed_tokens"):
+        assert _op(report, name)["accumulated"]["sqnr_db"] == math.inf  # dense layers run the reference's SDPA
+    assert _op(report, "model.layers.3.self_attn")["accumulated"]["sqnr_db"] < 80  # downstream of the sparse one
+    assert _op(report, "model.layers.3.self_attn")["isolated"]["sqnr_db"] == math.inf
+    assert report.data["mode"].startswith("decode") and report.data["timing"]["impact_tokens"] == 24
+    assert "StreamingConfig" not in report.table() and "OracleConfig (decode path, last 12 tokens)" in report.table()
+
+
+def test_decode_mode_isolated_and_impact_equal_a_run_with_that_layer_alone(tiny4):
+    import dataclasses
+
+    from transformers import DynamicCache
+
+    from compactlm.attention.runtime import sparse_attention
+
+    ids = torch.randint(3, 256, (1, 72), generator=torch.Generator().manual_seed(7))
+    budget = _budget()
+    report = inspect(tiny4, tiny4, ids, InspectConfig(decode_tokens=10), candidate_runtime=budget)
+    assert report.data["timing"]["impact_units"] == 4
+
+    def decode(cfg):
+        cache = DynamicCache(config=tiny4.config)
+        with torch.no_grad():
+            tiny4(ids[:, :62], cache=cache)
+            with sparse_attention(tiny4, cfg) if cfg else contextlib.nullcontext():
+                return torch.cat([tiny4(ids[:, j:j + 1], cache=cache).logits for j in range(62, 72)], 1)
+
+    ref = decode(None)
+    alone = decode(dataclasses.replace(budget, dense_layers=(0, 2, 3)))
+    expected = float(kl_from_logits(ref, alone).mean())
+    assert _op(report, "model.layers.1.self_attn")["impact"]["kl"] == pytest.approx(expected, rel=1e-4)
+    every = decode(budget)
+    assert report.data["final_logits"]["kl"] == pytest.approx(float(kl_from_logits(ref, every).mean()), rel=1e-4)
+
+
+def test_decode_mode_errors(tiny4, ids):
+    with pytest.raises(ConfigError, match="decode_tokens=N"):
+        inspect(tiny4, tiny4, ids, candidate_runtime=_budget())
+    with pytest.raises(ConfigError, match="decode-only attention config"):
+        inspect(tiny4, tiny4, ids, InspectConfig(decode_tokens=4))
+    with pytest.raises(ConfigError, match="decode-only attention config"):
+        inspect(tiny4, tiny4, ids, InspectConfig(decode_tokens=4), candidate_runtime=_kv(2))
+    cand = copy.deepcopy(tiny4)
+    plant(cand, "model.layers.0.mlp.up_proj", "rtn2")
+    with pytest.raises(ConfigError, match="weights differ"):
+        inspect(tiny4, cand, ids, InspectConfig(decode_tokens=4), candidate_runtime=_budget())
+    with pytest.raises(ConfigError, match="leaves no prefix"):
+        inspect(tiny4, tiny4, ids, InspectConfig(decode_tokens=48), candidate_runtime=_budget())
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        inspect(tiny4, tiny4, ids, InspectConfig(decode_tokens=4), candidate_runtime=[_budget(), _kv(2)])
+    with pytest.raises(ConfigError, match="decode_tokens"):
+        InspectConfig(decode_tokens=-1)
+
+
+def test_cli_decode_mode(tmp_path):
+    out = tmp_path / "d.json"
+    opts = [x for kv in ("keep=4", "sink=2", "recent=4", "dense_first=1", "dense_last=0") for x in ("--attn-opt", kv)]
+    assert main(["inspect", "tiny-llama", "tiny-llama", "--data", "random", "--samples", "1", "--seqlen", "64",
+                 "--attn", "quest", *opts, "--decode-tokens", "8", "-q", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["mode"].startswith("decode") and data["decode_tokens"] == 8
+    assert {o["name"] for o in data["operators"] if o["unit"]} == {"model.layers.1.self_attn"}

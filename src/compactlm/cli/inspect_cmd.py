@@ -41,9 +41,12 @@ def register(groups) -> None:
                    help="KVQuant field for --kv (repeatable): group_size, residual, sinks, pre_rope, "
                         "value_group_size, meta_dtype")
     p.add_argument("--attn", metavar="METHOD",
-                   help="run CANDIDATE with a runtime prefill attention method (sparse-prefill, or any attn:<name> "
-                        "that changes prefill; impact is off for the latter). Decode-only methods (sals-*, quest, "
-                        "streaming, oracle) are refused: a forward pass does not exercise them")
+                   help="run CANDIDATE with a runtime attention method: sparse-prefill (or any attn:<name> that "
+                        "changes prefill; impact is off for those), or a decode-only one (sals, sals-25, sals-12.5, "
+                        "sals-index, sals-v4, quest, streaming, oracle) with --decode-tokens N")
+    p.add_argument("--decode-tokens", type=int, default=0, metavar="N",
+                   help="decode mode for a decode-only --attn method: prefill each sequence but its last N tokens, "
+                        "then feed those one at a time (the PPL-decode way) and compare every operator per step")
     p.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the --attn method (repeatable), e.g. keep_ratio=0.25, dense_head=0")
     p.add_argument("--top", type=int, default=15, help="rows in the terminal table")
@@ -114,6 +117,24 @@ def _options(pairs: list[str], flag: str) -> dict:
     return out
 
 
+def _decode_config(name: str, options: dict, cand):
+    """The budget config of a decode-only ``--attn`` name (SALS presets, the baselines), or None."""
+    from ..attention import decode_baselines, sals
+
+    baselines = {"streaming": decode_baselines.StreamingConfig, "quest": decode_baselines.QuestConfig,
+                 "oracle": decode_baselines.OracleConfig}
+    if name in sals.PRESETS:
+        from ..attention.sals_calib import ensure_projections
+
+        cfg = sals.config_from_options(sals.SALSConfig, {**sals.PRESETS[name], **options})
+        if cfg.projections is None:
+            ensure_projections(cand)  # attached, cached for this folder, or calibrated on CALIB-pg-512 (quick)
+        return cfg
+    if name in baselines:
+        return sals.config_from_options(baselines[name], options)
+    return None
+
+
 def _runtime(args, cand) -> list:
     """The candidate's runtime items from --kv / --attn (configs where possible, so impact can follow them)."""
     from ..errors import ConfigError
@@ -133,7 +154,10 @@ def _runtime(args, cand) -> list:
         raise ConfigError("--kv-opt needs --kv int2|int4|int8")
     if args.attn:
         options = _options(args.attn_opt, "--attn-opt")
-        if args.attn == "sparse-prefill":
+        decode = _decode_config(args.attn, options, cand)
+        if decode is not None:
+            items.append(decode)
+        elif args.attn == "sparse-prefill":
             from ..attention.prefill_sparse import config_from_options
 
             items.append(config_from_options(options))
@@ -172,13 +196,14 @@ def run_inspect(args) -> int:
         print(f"note: --attn {args.attn} is an opaque runtime method: no consumer-aware impact (--no-impact)")
         args.impact = False
     cfg = InspectConfig(isolated=args.isolated, impact=args.impact, impact_samples=args.impact_samples,
-                        impact_top=args.impact_top, batch_size=args.batch_size)
+                        impact_top=args.impact_top, batch_size=args.batch_size, decode_tokens=args.decode_tokens)
     if args.top < 0:
         raise ConfigError(f"--top must be ≥ 0, got {args.top}")
     ids = _ids(tok, ref, args.data, args.samples, args.seqlen)
     report = inspect(ref, cand, ids, cfg, candidate_runtime=runtime or None)
     report.data.update(reference_spec=args.ref, candidate_spec=args.candidate, data=args.data,
-                       kv=args.kv, kv_opt=args.kv_opt, attn=args.attn, attn_opt=args.attn_opt)
+                       kv=args.kv, kv_opt=args.kv_opt, attn=args.attn, attn_opt=args.attn_opt,
+                       decode_tokens=args.decode_tokens)
     print(report.table(args.top))
     if args.json:
         report.write_json(args.json)

@@ -24,9 +24,10 @@ from ..errors import ConfigError, DataError
 from ..models.adapter import get_adapter
 from ..utils import machine_info, peak_rss_mib, progress
 from .capture import Capture, check_compatible, discover_operators
+from .decode import DecodeCapture, check_same_weights
 from .impact import consumer_impact, select_units
 from .metrics import hist_edges
-from .runtime import runtime_scope
+from .runtime import DECODE_ONLY, runtime_scope
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class InspectConfig(BaseConfig):
     softmax probabilities on the eager path), ``impact`` (consumer-aware ranking), ``impact_samples``
     (sequences, taken from the start of the data, run per swap), ``impact_top`` (swap only the N units
     with the largest isolated noise-to-signal ratio; 0 = every differing unit), ``batch_size`` (sequences
-    per capture pass; bounds memory), and the risk thresholds ``warn_impact_kl`` (nats/token),
+    per capture pass; bounds memory), ``decode_tokens`` (decode mode, for decode-only attention configs: the
+    last N tokens of each sequence are fed one at a time after a prefill, see :mod:`.decode`; 0 = one
+    forward pass), and the risk thresholds ``warn_impact_kl`` (nats/token),
     ``warn_sqnr_db`` (isolated SQNR below it), ``warn_attention_kl`` (nats per attention row).
     """
 
@@ -50,8 +53,11 @@ class InspectConfig(BaseConfig):
     warn_impact_kl: float = 0.01
     warn_sqnr_db: float = 20.0
     warn_attention_kl: float = 0.05
+    decode_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.decode_tokens, int) or self.decode_tokens < 0:
+            raise ConfigError(f"decode_tokens must be an integer ≥ 0 (0 = forward mode), got {self.decode_tokens!r}")
         if self.impact_samples < 1:
             raise ConfigError(f"impact_samples must be ≥ 1 sequence, got {self.impact_samples}")
         if self.impact_top < 0:
@@ -137,6 +143,13 @@ def inspect(ref: nn.Module, cand: nn.Module, batches: torch.Tensor | Iterable[to
             if runtime.opaque:
                 candidate_context = runtime.attach
                 runtime = None
+            elif runtime.decode is not None:
+                if not cfg.decode_tokens:
+                    raise ConfigError(f"{type(runtime.decode).__name__} {DECODE_ONLY}")
+                check_same_weights(ref, cand)
+        if cfg.decode_tokens and (runtime is None or runtime.decode is None):
+            raise ConfigError("decode_tokens > 0 (decode mode) is for a decode-only attention config passed as "
+                              "candidate_runtime (SALSConfig, QuestConfig, StreamingConfig, OracleConfig); set it to 0")
         if cfg.impact and candidate_context is not None:
             raise ConfigError("consumer-aware impact swaps candidate modules into the reference and cannot follow an "
                               "opaque runtime context (candidate_context or a RuntimeMethod); pass its config as "
@@ -153,9 +166,14 @@ def _inspect(ref, cand, items, cfg: InspectConfig, ops, candidate_context, runti
         adapter = get_adapter(cand)
         runtime_ops = {i: names[id(adapter.attention(i))] for i in runtime.handlers}
         candidate_context = (lambda m: runtime.context(m, eager=cfg.attention_probs))  # noqa: E731
-    capture = Capture(ref, cand, ops, isolated=cfg.isolated, attention_probs=cfg.attention_probs,
-                      candidate_context=candidate_context,
-                      runtime_modules=set(runtime_ops.values()) if runtime is not None else None)
+    decode = runtime is not None and runtime.decode is not None
+    if decode:
+        capture = DecodeCapture(ref, cand, ops, runtime.decode, cfg.decode_tokens, cfg.isolated or cfg.impact)
+        runtime_ops = {}
+    else:
+        capture = Capture(ref, cand, ops, isolated=cfg.isolated, attention_probs=cfg.attention_probs,
+                          candidate_context=candidate_context,
+                          runtime_modules=set(runtime_ops.values()) if runtime is not None else None)
     start = time.perf_counter()
     for batch in progress(items, desc="inspect (reference + candidate passes)"):
         capture.run_batch(batch)
@@ -170,7 +188,10 @@ def _inspect(ref, cand, items, cfg: InspectConfig, ops, candidate_context, runti
              and op not in units]
     units = [op for op in ops if op in units or op in extra]
     impact_s, impact_units = 0.0, 0
-    if cfg.impact and units:
+    if decode and cfg.impact:
+        impacts = capture.impacts  # measured with the isolated runs: the method on one layer at a time
+        impact_s, impact_units = sum(i.seconds for i in impacts.values()), len(impacts)
+    elif cfg.impact and units:
         swapped = units
         if cfg.impact_top:
             swapped = sorted(units, key=lambda o: -capture.isolated_stats[o.name].summary()["nsr"])[: cfg.impact_top]
@@ -212,8 +233,10 @@ def _inspect(ref, cand, items, cfg: InspectConfig, ops, candidate_context, runti
         "attention_probs_available": dict(capture.probs_available),
         "candidate_runtime": None,
         "timing": {"capture_s": capture_s, "impact_s": impact_s, "impact_units": impact_units,
-                   "impact_tokens": min(cfg.impact_samples, items[0].size(0) * len(items)) * items[0].size(1)
+                   "impact_tokens": (sum(b.size(0) for b in items) * cfg.decode_tokens if decode else
+                                     min(cfg.impact_samples, items[0].size(0) * len(items)) * items[0].size(1))
                    if impact_units else 0, "peak_rss_mib": peak_rss_mib()},
+        "mode": f"decode (last {cfg.decode_tokens} tokens of each sequence)" if decode else "forward",
         "hist_edges_log10": hist_edges(),
         "operators": operators,
         "machine": machine_info(next(ref.parameters()).dtype),

@@ -101,6 +101,8 @@ def runtime_summary(data: dict[str, Any]) -> str:
                                                                                 else "") + ")")
         elif item["kind"] == "attention":
             what = cfg.get("type", "attention")
+        elif item["kind"] == "decode":
+            what = f"{cfg.get('type')} (decode path, last {data['config'].get('decode_tokens')} tokens)"
         else:
             what = f"method {item.get('name')}"
         layers = item.get("layers")

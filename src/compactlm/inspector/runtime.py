@@ -168,6 +168,7 @@ class CandidateRuntime:
 
     handlers: dict[int, Handler] = field(default_factory=dict)
     attach: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
+    decode: Any = None  # a decode-only budget config (SALS, Quest, ...): inspected on the decode path
     description: list[dict[str, Any]] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -201,10 +202,11 @@ def _is_decode_only(cfg: Any) -> bool:
     return isinstance(cfg, DecodeBudget)
 
 
-_DECODE_ONLY = ("is decode-only: it changes attention only when one new token attends to the cache, and a forward "
-                "pass over a prompt never does that, so the inspector would report it as error-free. Measure it "
-                "with PPL-decode (`compactlm eval ppl-decode --attn NAME`) or RULER-syn (`compactlm eval ruler --attn "
-                "NAME`), which run the decode path")
+DECODE_ONLY = ("is decode-only: it changes attention only when one new token attends to the cache, and a forward "
+                "pass over a prompt never does that, so a forward-mode inspection would report it as error-free. "
+                "Pass its config (SALSConfig, QuestConfig, StreamingConfig, OracleConfig) with "
+                "InspectConfig(decode_tokens=N) (CLI: --attn NAME --decode-tokens N) to inspect it on a teacher-forced "
+                "decode pass over the last N tokens of each sequence")
 
 
 def _kv_handlers(model: nn.Module, cfg: KVQuant | PerLayer) -> tuple[dict[int, Handler], list[dict[str, Any]]]:
@@ -240,13 +242,18 @@ def _resolve_one(model: nn.Module, item: Any) -> CandidateRuntime:
         return CandidateRuntime(handlers=handlers, description=desc)
     if isinstance(item, RuntimeMethod):
         if item.shares_prefill:
-            hint = (". For a quantized KV cache pass its KVQuant config instead (CLI: --kv int4): the inspector "
-                    "simulates the cache's store in the forward pass") if item.name.startswith("kv") else ""
-            raise ConfigError(f"runtime method {item.name!r} {_DECODE_ONLY}{hint}")
+            if item.name.startswith("kv"):
+                raise ConfigError(f"runtime method {item.name!r} is a quantized KV cache, which a forward pass through "
+                                  "the cache does not exercise (its prefill attends to exact keys); pass its KVQuant "
+                                  "config instead (CLI: --kv int4): the inspector simulates the cache's store in the "
+                                  "forward pass")
+            raise ConfigError(f"runtime method {item.name!r} {DECODE_ONLY}")
         return CandidateRuntime(attach=item.attach, description=[{"kind": "method", "name": item.name,
                                                                   "description": item.description}])
     if _is_decode_only(item):
-        raise ConfigError(f"{type(item).__name__} {_DECODE_ONLY}")
+        layers = item.sparse_layers(get_adapter(model).num_layers)
+        return CandidateRuntime(decode=item, description=[{"kind": "decode", "layers": layers,
+                                                           "config": item.to_dict()}])
     builder = RUNTIME_BUILDERS.get(type(item))
     if builder is None:
         raise ConfigError(f"candidate_runtime got a {type(item).__name__}; pass a KVQuant (or PerLayer of KVQuant), "
@@ -256,7 +263,7 @@ def _resolve_one(model: nn.Module, item: Any) -> CandidateRuntime:
     if not phases.prefill:
         for fn in closers:
             fn()
-        raise ConfigError(f"{type(item).__name__} {_DECODE_ONLY}")
+        raise ConfigError(f"{type(item).__name__} {DECODE_ONLY}")
     return CandidateRuntime(handlers=dict(phases.prefill), closers=closers,
                             description=[{"kind": "attention", "layers": sorted(phases.prefill),
                                           "config": item.to_dict()}])
@@ -279,6 +286,9 @@ def resolve_runtime(model: nn.Module, runtime: Any) -> CandidateRuntime:
             return resolved[0]
         if any(r.opaque for r in resolved):
             raise ConfigError("a RuntimeMethod cannot be combined with other runtime items; pass configs instead")
+        if any(r.decode is not None for r in resolved):
+            raise ConfigError("a decode-only attention config is inspected on the decode path alone; it cannot be "
+                              "combined with other runtime items")
         out = CandidateRuntime()
         for r in resolved:
             clash = set(out.handlers) & set(r.handlers)
