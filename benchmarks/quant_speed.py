@@ -7,8 +7,8 @@ Kernel part: median of >= 10 timed runs after warm-up, random inputs, at M = 1 a
 int4 kernel (``torch.ops.aten._weight_int4pack_mm_for_cpu``), the dequantize-then-matmul path, dense
 bf16 ``F.linear``, their ratios, which path :class:`PackedLinear` chooses (from its measured crossover)
 and the achieved weight-read bandwidth (packed bytes / time). Decode part: greedy generation of
-``--new-tokens`` tokens from a 64-token prompt, bf16 dense vs the same model RTN-W4-g64 packed (the
-quantization method does not change the kernels), tokens/s.
+``--new-tokens`` tokens from a 64-token prompt, bf16 dense vs the same model RTN-W4/W3/W2-g64 packed (the
+quantization method does not change the kernels; 2/3-bit layers run on the int4 kernel), tokens/s.
 """
 
 from __future__ import annotations
@@ -58,13 +58,14 @@ def kernel_rows(shapes, ms, threads, reps):
 
 
 @torch.no_grad()
-def decode_rows(model_spec, new_tokens, threads):
+def decode_rows(model_spec, new_tokens, threads, bits_list=(4,)):
     torch.set_num_threads(threads)
     rows = []
-    for label in ("bf16 dense", "RTN W4 g64 packed (bf16 activations)"):
+    for bits in (None, *bits_list):
+        label = "bf16 dense" if bits is None else f"RTN W{bits} g64 packed (bf16 activations)"
         model, tok = compactlm.models.load(model_spec, dtype="bf16")
-        if label.startswith("RTN"):
-            compactlm.quantize(model, RTN(bits=4, group_size=64))
+        if bits is not None:
+            compactlm.quantize(model, RTN(bits=bits, group_size=64))
         prompt = compactlm.data.tokenize_source(tok, "essays")[:64].unsqueeze(0)
         model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up (and the crossover measurement)
         t = time.perf_counter()
@@ -82,15 +83,20 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--decode-bits", default="4,3,2", help="packed widths for the decode rows (RTN g64)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the decode rows")
+    p.add_argument("--note", default="", help="machine note (what else was running)")
     args = p.parse_args(argv)
     shapes = [(4096, 4096, 128), (576, 576, 64), (192, 576, 64), (1536, 576, 64), (576, 1536, 64)]
     result = {"benchmark": "quant_speed", "command": " ".join(["python", *sys.argv]),
-              "machine": {**machine_info(torch.bfloat16), "note": "shared 2-core machine, heavily loaded by other "
-                          "engineers' jobs (load average ~20): absolute times are inflated, ratios are noisy"},
-              "kernels": kernel_rows(shapes, (1, 16), (1, 2), args.reps)}
+              "machine": {**machine_info(torch.bfloat16), "note": args.note}}
+    if not args.skip_kernels:
+        result["kernels"] = kernel_rows(shapes, (1, 16), (1, 2), args.reps)
     write_json_atomic(args.json, result)
     if not args.skip_decode:
-        result["decode"] = decode_rows("smollm2-135m", args.new_tokens, 2)
+        result["decode"] = decode_rows("smollm2-135m", args.new_tokens, args.threads,
+                                       tuple(int(b) for b in args.decode_bits.split(",")))
         write_json_atomic(args.json, result)
     return 0
 
