@@ -267,3 +267,18 @@ def test_cli_decode_mode(tmp_path):
     data = json.loads(out.read_text())
     assert data["mode"].startswith("decode") and data["decode_tokens"] == 8
     assert {o["name"] for o in data["operators"] if o["unit"]} == {"model.layers.1.self_attn"}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "gemma3", "qwen2_moe", "mixtral"])
+def test_kv_store_on_other_families(family, ids):
+    from compactlm.models import get_adapter, tiny_model
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    for i in range(adapter.num_layers):
+        adapter.linears(i)
+    exact = inspect(model, model, ids, InspectConfig(impact=False), candidate_runtime=KVQuant(bits=2, residual=10**6))
+    assert exact.data["final_logits"]["sqnr_db"] == math.inf and not any(o["unit"] for o in exact.operators)
+    report = inspect(model, model, ids, InspectConfig(impact=False), candidate_runtime=_kv(2))
+    names = {f"{adapter.layer_prefix(i)}.self_attn" for i in range(adapter.num_layers)}
+    assert {o["name"] for o in report.operators if o["unit"]} == names
