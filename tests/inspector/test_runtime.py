@@ -177,6 +177,7 @@ def test_cli_kv_and_attn(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["operators"][0]["kind"] == "attention" and data["operators"][0]["impact"]["kl"] > 0
     assert data["candidate_runtime"][0]["config"]["residual"] == 8 and data["kv"] == "int2"
+    assert data["command"].endswith("--kv int2 --kv-opt group_size=8 --kv-opt residual=8")
     assert main(["inspect", "tiny-llama", "tiny-llama", "--data", "random", "--samples", "1", "--seqlen", "16",
                  "--attn", "streaming", "-q"]) == 2
     assert "decode-only" in capsys.readouterr().err

@@ -203,7 +203,7 @@ def run_inspect(args) -> int:
     report = inspect(ref, cand, ids, cfg, candidate_runtime=runtime or None)
     report.data.update(reference_spec=args.ref, candidate_spec=args.candidate, data=args.data,
                        kv=args.kv, kv_opt=args.kv_opt, attn=args.attn, attn_opt=args.attn_opt,
-                       decode_tokens=args.decode_tokens)
+                       decode_tokens=args.decode_tokens, command=_inspect_command(args))
     print(report.table(args.top))
     if args.json:
         report.write_json(args.json)
@@ -244,3 +244,23 @@ def _gate_command(args) -> str:
         if value is not None:
             parts += [f"--{opt}", str(value)]
     return shlex.join(parts + (["--json", args.json] if args.json else []))
+
+
+def _inspect_command(args) -> str:
+    """The command line that reproduces this inspection (from the parsed arguments, not sys.argv)."""
+    import shlex
+
+    parts = ["compactlm", "inspect", args.ref, args.candidate, "--dtype", args.dtype, "--data", args.data,
+             "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+             "--impact-samples", str(args.impact_samples), "--impact-top", str(args.impact_top)]
+    parts += [] if args.impact else ["--no-impact"]
+    parts += [] if args.isolated else ["--no-isolated"]
+    for flag, value in (("--kv", args.kv), ("--attn", args.attn)):
+        if value:
+            parts += [flag, value]
+    for flag, values in (("--kv-opt", args.kv_opt), ("--attn-opt", args.attn_opt)):
+        for v in values:
+            parts += [flag, v]
+    if args.decode_tokens:
+        parts += ["--decode-tokens", str(args.decode_tokens)]
+    return shlex.join(parts)
