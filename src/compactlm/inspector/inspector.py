@@ -191,6 +191,7 @@ def _inspect(ref, cand, items, cfg: InspectConfig, ops, candidate_context, runti
     if decode and cfg.impact:
         impacts = capture.impacts  # measured with the isolated runs: the method on one layer at a time
         impact_s, impact_units = sum(i.seconds for i in impacts.values()), len(impacts)
+        capture_s -= impact_s  # those runs happened inside the capture loop; count them once, as impact
     elif cfg.impact and units:
         swapped = units
         if cfg.impact_top:
