@@ -1,0 +1,205 @@
+"""compactlm GPTQ vs llm-compressor's GPTQModifier, side by side: quality, calibration time, peak RSS.
+
+Issue 3's targets: our GPTQ at least as good as llm-compressor's at every setting (PPL-wiki-512), and
+calibration wall time and peak RSS ≤ 1.0× theirs, measured in the same run.
+
+    .venv/bin/python benchmarks/llmc_side_by_side.py --bits 4,3 --threads 1 \
+        --json benchmarks/results/quant/llmc_side_by_side.json
+
+How it stays fair:
+- The same token ids: this driver draws CALIB-pg-512-q (``calibration_set(tok, "essays", nsamples=32,
+  seqlen=512)``) and PPL-wiki-512-q (``eval_windows(tok, "wiki", 512, 40)``) once and saves them to a temp
+  ``.pt`` that both sides read.
+- Each side runs in its own fresh subprocess (so each peak RSS is that tool's alone): llm-compressor in
+  its own venv through ``benchmarks/_llmc_worker.py`` (which never imports compactlm), ours through this
+  script's ``--ours-worker`` mode. Both use the same torch thread count, load the same fp32 safetensors
+  folder, and time only the quantization call; peak RSS is read right after it, before evaluation.
+- Both evaluate with the same plain loop: fp32 logits, mean NLL over every predicted token, exp. The
+  harness is checked first: each side's base-model PPL on the windows must agree, else the run stops.
+- Settings: g64 asymmetric W4 / W3 / W2; GPTQ block 128, damping 0.01, static act-order on both sides
+  (llm-compressor's defaults, and ours). lm_head (tied to the embedding) stays full precision on both.
+
+Rows are appended to the JSON as soon as each setting finishes; an existing JSON with the same protocol
+keeps its other settings' rows (so W2 can be added by a later run with ``--bits 2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LLMC_PYTHON = "/work/venvs/llmc/bin/python"
+HERE = Path(__file__).resolve().parent
+
+
+def ours_worker(args: argparse.Namespace) -> int:
+    """compactlm side: load, GPTQ-quantize on the given ids, read peak RSS, evaluate; one fresh process."""
+    import compactlm
+    from compactlm.quant import GPTQ
+    from compactlm.utils import peak_rss_mib, write_json_atomic
+
+    torch.set_num_threads(args.threads)
+    data = torch.load(args.data)
+    calib, windows = data["calib"].long(), data["eval"].long()
+    model, _ = compactlm.models.load(args.model_dir)
+    model.eval()
+    out: dict = {"tool": "compactlm", "threads": torch.get_num_threads(), "python": sys.executable}
+    if not args.base:
+        cfg = GPTQ(bits=int(args.bits), group_size=args.group_size)
+        out["config"] = cfg.to_dict()
+        out["rss_before_mib"] = peak_rss_mib()
+        compactlm.utils.set_quiet(True)
+        start = time.perf_counter()
+        compactlm.quantize(model, cfg, calib=calib)
+        out["quantize_seconds"] = time.perf_counter() - start
+        out["peak_rss_mib"] = peak_rss_mib()  # before evaluation, whose logits would add to the peak
+    start = time.perf_counter()
+    out.update(_perplexity(model, windows), eval_seconds=time.perf_counter() - start)
+    write_json_atomic(args.out, out)
+    return 0
+
+
+def _perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> dict:
+    """The same plain loop as the llm-compressor worker's (fp32 logits, mean NLL over predicted tokens)."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in torch.split(windows, batch_size):
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            target = batch[:, 1:]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
+            count += target.numel()
+    return {"ppl": math.exp(total / count), "tokens": count}
+
+
+def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
+    """Run one side in a fresh subprocess; its output goes to ``log``; its result JSON is returned."""
+    print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not out.is_file():
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{label} failed (exit {rc}); last output:\n{tail}")
+    result = json.loads(out.read_text())
+    result["process_seconds"] = time.perf_counter() - start
+    print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
+        f"{k} {result[k]:.3f}" for k in ("ppl", "quantize_seconds", "peak_rss_mib") if k in result), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="4,3", help="comma-separated weight bit widths (2, 3, 4, 8)")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (32 = CALIB-pg-512-q)")
+    p.add_argument("--windows", type=int, default=40, help="evaluation windows (40 = PPL-wiki-512-q)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--llmc-python", default=LLMC_PYTHON, help="python of the venv holding llm-compressor")
+    p.add_argument("--skip-base-check", action="store_true", help="reuse the base check of an existing JSON")
+    p.add_argument("--json", help="result JSON (required)")
+    p.add_argument("--note", default="", help="machine note recorded with the result (what else was running)")
+    # internal: this script's own subprocess for the compactlm side
+    p.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--base", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.ours_worker:
+        return ours_worker(args)
+    if not args.json:
+        p.error("--json PATH is required")
+
+    import compactlm
+    from compactlm.data import calibration_set, eval_windows
+    from compactlm.errors import ConfigError
+    from compactlm.models.loading import default_model_dir
+    from compactlm.utils import machine_info, write_json_atomic
+
+    bits = [int(b) for b in args.bits.split(",")]
+    for b in bits:
+        if b not in (2, 3, 4, 8):
+            raise ConfigError(f"--bits takes 2, 3, 4 or 8 (comma-separated), got {b}")
+    if not Path(args.llmc_python).is_file():
+        raise ConfigError(f"--llmc-python {args.llmc_python} does not exist: build llm-compressor's venv first "
+                          "(docs/quantization.md, 'Side by side with llm-compressor')")
+    if args.model != "smollm2-135m":
+        raise ConfigError("--model: only the default model's cached fp32 folder is wired up (smollm2-135m)")
+    torch.set_num_threads(args.threads)
+    _, tok = compactlm.models.load(args.model)
+    model_dir = default_model_dir()
+    protocol = {"ppl": f"PPL-wiki-512{'-q' if args.windows == 40 else ''} ({args.windows} windows)",
+                "calibration": f"CALIB-pg-512{'-q' if args.nsamples == 32 else ''} ({args.nsamples} x 512)",
+                "group_size": args.group_size, "symmetric": False,
+                "gptq": {"block_size": 128, "damp": 0.01, "act_order": "static"}}
+    path = Path(args.json)
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("protocol") != protocol:
+        result = {}  # a different protocol: start afresh rather than mixing rows
+    result.update({
+        "benchmark": "llmc_side_by_side", "model": args.model, "model_dir": str(model_dir), "protocol": protocol,
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "machine": {**machine_info(torch.float32), "note": args.note},
+        "rows": [r for r in result.get("rows", []) if r["bits"] not in bits],
+    })
+    result.setdefault("runs", []).append({"command": result["command"], "date": result["machine"]["date"],
+                                          "bits": bits, "note": args.note})
+
+    with tempfile.TemporaryDirectory(prefix="llmc-side-") as tmp:
+        tmpdir = Path(tmp)
+        data = tmpdir / "ids.pt"
+        calib = calibration_set(tok, "essays", nsamples=args.nsamples, seqlen=512)
+        windows = eval_windows(tok, "wiki", 512, args.windows)
+        torch.save({"calib": calib, "eval": windows}, data)
+        common = ["--data", str(data), "--model-dir", str(model_dir), "--threads", str(args.threads)]
+        ours_cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", *common]
+        llmc_cmd = [args.llmc_python, str(HERE / "_llmc_worker.py"), *common]
+
+        if not (args.skip_base_check and "base_check" in result):
+            theirs = _run([*llmc_cmd, "--base", "--out", str(tmpdir / "lb.json")], tmpdir / "lb.json",
+                          tmpdir / "lb.log", "llm-compressor harness, base model")
+            ours = _run([*ours_cmd, "--base", "--out", str(tmpdir / "ob.json")], tmpdir / "ob.json",
+                        tmpdir / "ob.log", "compactlm harness, base model")
+            rel = abs(theirs["ppl"] - ours["ppl"]) / ours["ppl"]
+            result["base_check"] = {"ppl_llmc_harness": theirs["ppl"], "ppl_ours": ours["ppl"],
+                                    "relative_difference": rel, "tokens": ours["tokens"],
+                                    "llmc_versions": theirs["versions"]}
+            write_json_atomic(path, result)
+            # Both load the same fp32 weights and run the same loop: anything beyond float noise is a harness bug.
+            if rel > 1e-4:
+                raise SystemExit(f"harness mismatch: base PPL {theirs['ppl']:.4f} (llm-compressor venv) vs "
+                                 f"{ours['ppl']:.4f} (ours); not trusting the comparison")
+
+        for b in bits:
+            setting = ["--bits", str(b), "--group-size", str(args.group_size)]
+            theirs = _run([*llmc_cmd, *setting, "--out", str(tmpdir / f"l{b}.json")], tmpdir / f"l{b}.json",
+                          tmpdir / f"l{b}.log", f"llm-compressor GPTQModifier W{b} g{args.group_size}")
+            ours = _run([*ours_cmd, *setting, "--out", str(tmpdir / f"o{b}.json")], tmpdir / f"o{b}.json",
+                        tmpdir / f"o{b}.log", f"compactlm GPTQ W{b} g{args.group_size}")
+            row = {"bits": b, "group_size": args.group_size, "llmc": theirs, "ours": ours,
+                   "ratio_ours_over_llmc": {k: ours[k] / theirs[k]
+                                            for k in ("ppl", "quantize_seconds", "peak_rss_mib")},
+                   "targets": {"ppl_at_least_as_good": ours["ppl"] <= theirs["ppl"],
+                               "time_le_1x": ours["quantize_seconds"] <= theirs["quantize_seconds"],
+                               "rss_le_1x": ours["peak_rss_mib"] <= theirs["peak_rss_mib"]}}
+            result["rows"] = sorted([*result["rows"], row], key=lambda r: -r["bits"])
+            write_json_atomic(path, result)
+            r = row["ratio_ours_over_llmc"]
+            print(f"W{b}: PPL ours {ours['ppl']:.3f} vs llm-compressor {theirs['ppl']:.3f}; ours/theirs time "
+                  f"{r['quantize_seconds']:.2f}x, peak RSS {r['peak_rss_mib']:.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
