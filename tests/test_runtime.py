@@ -56,3 +56,19 @@ def test_a_handler_changes_the_output():
         with attention_override(model, {0: zero}):
             out = model(ids).logits
     assert not torch.allclose(ref, out)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_override_on_an_eager_model_keeps_its_logits(family):
+    """The override hands SDPA-format masks (bool / None) around; an eager model's fallback must still mask."""
+    from compactlm.attention.runtime import attention_override
+    from compactlm.models import tiny_model
+
+    model = tiny_model(family, seed=0).eval()
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with attention_override(model, {}):
+            out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -49,13 +49,32 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def _additive_mask(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA's mask format (bool, or None = causal with the queries at the end) as eager's additive float mask."""
+    if attention_mask is None:
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        pos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+        attention_mask = (torch.arange(kv_len, device=query.device)[None, :] <= pos)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return attention_mask
+
+
 def _fallback_for(module: nn.Module, impl: str) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl in ("eager", None) or impl not in ALL_ATTENTION_FUNCTIONS:
         import sys
 
-        return sys.modules[type(module).__module__].eager_attention_forward
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+
+        # The override builds SDPA-format masks (see _register); eager attention adds its mask to the
+        # scores, so it needs the additive form — a bool mask would add 0/1 and None would drop causality.
+        def eager_with_sdpa_mask(module, query, key, value, attention_mask, **kwargs):
+            return eager(module, query, key, value, _additive_mask(query, key, attention_mask), **kwargs)
+
+        return eager_with_sdpa_mask
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
