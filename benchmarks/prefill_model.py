@@ -1,6 +1,11 @@
 """End-to-end prefill of the default model, dense vs block-sparse, same run: time and PPL on 8K wiki windows.
 
     .venv/bin/python benchmarks/prefill_model.py --windows 2 --json benchmarks/results/prefill_model_8k.json
+    .venv/bin/python benchmarks/prefill_model.py --profile 2 --json benchmarks/results/prefill_profile_8k.json
+
+``--profile N`` runs the layer profiler instead (``profile_layers``) on N prompts of ``--length`` tokens cut
+from the calibration essays (CALIB-pg offsets, ``random.Random(0)``; never the wiki eval text) and writes each
+layer's captured attention mass, block fraction and the proposed ``dense_layers``.
 
 PPL here is over whole 8K windows of the PPL-wiki text (not PPL-wiki-512): the figure that changes when
 prefill attention is sparse. Both methods score the same windows in the same process.
@@ -29,6 +34,11 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--config", default="{}", help="SparsePrefillConfig fields as JSON, e.g. '{\"keep_ratio\": 0.3}'")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile layers on this many calibration-essay prompts instead of comparing PPL")
+    p.add_argument("--min-mass", type=float, default=0.9, help="profiler: propose layers below this captured mass")
+    p.add_argument("--query-stride", type=int, default=1,
+                   help="profiler: score every n-th query only (cost / n; default 1 = all)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
@@ -37,6 +47,9 @@ def main() -> None:
 
     cfg = SparsePrefillConfig(**json.loads(args.config))
     model, tok = load(args.model, dtype=args.dtype)
+    if args.profile:
+        profile(model, tok, cfg, args)
+        return
     windows = eval_windows(tok, "wiki", args.length, args.windows)
     result = compare_prefill(model, windows, cfg, log=lambda m: print(m, flush=True))
     print(f"PPL on {result['windows']} x {args.length}-token windows: dense {result['dense_ppl']:.4f}, sparse "
@@ -47,7 +60,34 @@ def main() -> None:
             "benchmark": "prefill end-to-end + PPL on 8K wiki windows", "model": args.model,
             "command": " ".join([".venv/bin/python", *sys.argv]), **result,
             "machine": {**machine_info(args.dtype), "load_average": os.getloadavg()},
-            "notes": "machine shared with 5 other engineers' jobs; times are upper bounds"})
+            "notes": "2-core machine shared with other engineers' jobs (see load_average); times are upper bounds"})
+
+
+def profile(model, tok, cfg: SparsePrefillConfig, args) -> None:
+    """Per-layer captured attention mass on calibration prompts (essays only) and the proposed dense layers."""
+    import time
+
+    from compactlm.attention.prefill_profile import profile_layers
+    from compactlm.data import calibration_set
+
+    prompts = calibration_set(tok, "essays", args.profile, args.length, seed=0)
+    start = time.perf_counter()
+    prof = profile_layers(model, [prompts[i:i + 1] for i in range(prompts.shape[0])], cfg, min_mass=args.min_mass,
+                         query_stride=args.query_stride)
+    seconds = time.perf_counter() - start
+    order = sorted(range(len(prof.mass)), key=lambda i: prof.mass[i])
+    for i in order:
+        print(f"layer {i:2d}: captured mass {prof.mass[i]:.4f}, block fraction {prof.block_fraction[i]:.3f}")
+    print(f"proposed dense_layers (mass < {args.min_mass}): {list(prof.proposed)}; {seconds:.0f} s")
+    if args.json:
+        write_json_atomic(args.json, {
+            "benchmark": "prefill layer profile on calibration essays", "model": args.model,
+            "command": " ".join([".venv/bin/python", *sys.argv]), "config": cfg.to_dict(),
+            "prompts": f"{args.profile} x {args.length} tokens of the essays (CALIB-pg offsets, seed 0)",
+            "query_stride": args.query_stride,
+            **prof.to_dict(), "layers_by_mass": order, "seconds": seconds,
+            "machine": {**machine_info(args.dtype), "load_average": os.getloadavg()},
+            "notes": "machine shared with other engineers' jobs"})
 
 
 if __name__ == "__main__":
