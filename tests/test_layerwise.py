@@ -87,3 +87,30 @@ def test_missing_or_bad_calibration_data():
         layerwise.run(model, None, Recorder())
     with pytest.raises(DataError, match=r"\(N, T\)"):
         layerwise.run(model, torch.randint(3, 256, (8,)), Recorder())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_stopping_a_group_forward_early_changes_nothing(family):
+    """True-sequential groups stop the layer's forward once their linears have fired; the GPTQ result must be
+    bit-identical to running every forward to the end (MoE: experts that do not fire keep the full forward)."""
+    from compactlm.quant.gptq import GPTQ, GPTQRun
+
+    calib = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    class FullForward(GPTQRun):
+        needs_full_layer_forward = True
+
+    weights, mlp_calls = [], []
+    for runner_cls in (GPTQRun, FullForward):
+        model = tiny_model(family, seed=0)
+        calls = [0]
+        get_adapter(model).mlp(0).register_forward_hook(lambda *a, c=calls: c.__setitem__(0, c[0] + 1))
+        runner = runner_cls(GPTQ(bits=4, group_size=16, batch_size=2))
+        layerwise.run(model, calib, runner, batch_size=2)
+        weights.append({n: r.weight for n, (r, _) in runner.results.items()})
+        mlp_calls.append(calls[0])
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    if family == "llama":  # the q/k/v and o passes no longer reach the MLP
+        assert mlp_calls[0] < mlp_calls[1]
+    for n in weights[0]:
+        assert torch.equal(weights[0][n], weights[1][n]), n

@@ -222,6 +222,10 @@ def run(
     return report
 
 
+class _GroupDone(Exception):
+    """Raised by a forward hook to end a layer's forward once a calibration group has its inputs."""
+
+
 @torch.no_grad()
 def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str, nn.Linear],
                  report: LayerwiseReport) -> None:
@@ -233,8 +237,28 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
         return hook
 
     handles = [m.register_forward_hook(collector(n)) for n, m in modules.items()]
+    # Once every linear of the group has seen a batch, the rest of the layer's forward is wasted work
+    # (true-sequential calibration runs the layer once per group): stop it there, unless the method
+    # gathers statistics later in the forward (APTQ's attention-aware q/k/v statistics).
+    if not getattr(method, "needs_full_layer_forward", False):
+        pending: set[str] = set()
+
+        def stopper(name: str):
+            def hook(module, args, output):
+                pending.discard(name)
+                if not pending:
+                    raise _GroupDone
+            return hook
+
+        handles += [m.register_forward_hook(stopper(n)) for n, m in modules.items()]
     try:
-        ctx.forward_all(keep=False)
+        for x in ctx.inputs:
+            if not getattr(method, "needs_full_layer_forward", False):
+                pending.update(modules)
+            try:
+                ctx.run(x.to(ctx.device))
+            except _GroupDone:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -185,6 +185,8 @@ class _AttnAware:
         self._attn_stats: dict[str, AttnStats] = {}
         self._x: torch.Tensor | None = None
         self._gen: torch.Generator | None = None
+        # The q/k/v statistics are finished inside the attention handler, after the projections ran.
+        self.needs_full_layer_forward = cfg.attention_aware
 
     def new_stats(self, name: str, module: nn.Linear) -> Any:
         if self.cfg.attention_aware and name in self.qkv:
@@ -243,6 +245,7 @@ class SensitivityRun(_AttnAware):
         self._init_attn(model, cfg)
         self.grad_moments = grad_moments
         self.attention_aware = cfg.attention_aware and grad_moments is None
+        self.needs_full_layer_forward = self.attention_aware
         self.sens: dict[str, dict[int, float]] = {}
 
     def new_stats(self, name: str, module: nn.Linear) -> Any:
