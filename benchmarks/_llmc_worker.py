@@ -31,9 +31,28 @@ import torch
 import torch.nn.functional as F
 
 
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
-    # ru_maxrss is KiB on Linux: the process's peak resident set so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak resident set (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that over
+    ``fork`` + ``exec``, so a worker started by a driver holding 600 MiB could never report less."""
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Current resident set (VmRSS), what the process holds before quantization starts."""
+    now = _status_mib("VmRSS")
+    return now if now is not None else peak_rss_mib()
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "transformers": transformers.__version__,
                                                   "compressed_tensors": compressed_tensors.__version__,
                                                   "torch": torch.__version__},
-           "threads": torch.get_num_threads(), "python": sys.executable}
+           "threads": torch.get_num_threads(), "python": sys.executable, "rss_method": "VmHWM"}
     if not args.base:
         from datasets import Dataset
         from llmcompressor import oneshot
@@ -119,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         out["recipe"] = {"block_size": recipe.block_size, "dampening_frac": recipe.dampening_frac,
                          "actorder": str(recipe.actorder), "bits": args.bits, "group_size": args.group_size,
                          "symmetric": args.symmetric, "ignore": ["lm_head"]}
-        out["rss_before_mib"] = peak_rss_mib()
+        out["rss_before_mib"] = rss_mib()
         start = time.perf_counter()
         oneshot(model=model, tokenizer=args.model_dir, dataset=dataset, recipe=recipe,
                 num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],

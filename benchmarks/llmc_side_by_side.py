@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,18 +45,23 @@ def ours_worker(args: argparse.Namespace) -> int:
     """compactlm side: load, GPTQ-quantize on the given ids, read peak RSS, evaluate; one fresh process."""
     import compactlm
     from compactlm.quant import GPTQ
-    from compactlm.utils import peak_rss_mib, write_json_atomic
+    from compactlm.utils import write_json_atomic
+
+    # The same VmHWM reading as the llm-compressor worker (see _llmc_worker.peak_rss_mib for why not getrusage).
+    sys.path.insert(0, str(HERE))
+    from _llmc_worker import peak_rss_mib, rss_mib
 
     torch.set_num_threads(args.threads)
     data = torch.load(args.data)
     calib, windows = data["calib"].long(), data["eval"].long()
     model, _ = compactlm.models.load(args.model_dir)
     model.eval()
-    out: dict = {"tool": "compactlm", "threads": torch.get_num_threads(), "python": sys.executable}
+    out: dict = {"tool": "compactlm", "threads": torch.get_num_threads(), "python": sys.executable,
+                 "rss_method": "VmHWM"}
     if not args.base:
         cfg = GPTQ(bits=int(args.bits), group_size=args.group_size)
         out["config"] = cfg.to_dict()
-        out["rss_before_mib"] = peak_rss_mib()
+        out["rss_before_mib"] = rss_mib()
         compactlm.utils.set_quiet(True)
         start = time.perf_counter()
         compactlm.quantize(model, cfg, calib=calib)
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {}  # a different protocol: start afresh rather than mixing rows
     result.update({
         "benchmark": "llmc_side_by_side", "model": args.model, "model_dir": str(model_dir), "protocol": protocol,
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": shlex.join([".venv/bin/python", *sys.argv]),
         "machine": {**machine_info(torch.float32), "note": args.note},
         "rows": [r for r in result.get("rows", []) if r["bits"] not in bits],
     })
