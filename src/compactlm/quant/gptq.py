@@ -65,7 +65,7 @@ class GPTQResult:
     codes: torch.Tensor  # (out, in) uint8
     scale: torch.Tensor  # (out, groups)
     zero: torch.Tensor  # (out, groups)
-    weight: torch.Tensor  # (out, in) fp32, the dequantized weight
+    weight: torch.Tensor | None  # (out, in) fp32, the dequantized weight (dropped once copied into the module)
     loss: float  # GPTQ's accumulated objective sum_i (w_i - q_i)^2 / [H^-1]_ii / 2
     damp: float
     retries: int
@@ -156,7 +156,9 @@ class GPTQRun:
             keep_zero = None
         res = solve_rows(module.weight, self.hessian(name, module, stats, ctx), spec, self.cfg, keep_zero, full)
         module.weight.data.copy_(res.weight.to(module.weight.dtype))  # later groups see the quantized layer
-        self.results[full] = (res, spec)
+        # Keep only what packing needs: the fp32 dequantized copy would hold a second full-precision model
+        # until the run ends (the module weight already holds it).
+        self.results[full] = (dataclasses.replace(res, weight=None), spec)
         return {"bits": spec.bits, "loss": res.loss, "damp": res.damp, "damp_retries": res.retries,
                 "dead_columns": res.dead, "kept_zeros": int(keep_zero.sum()) if keep_zero is not None else 0}
 
