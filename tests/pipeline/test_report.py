@@ -12,7 +12,8 @@ from compactlm.report.html import render_html, summary_rows, write_report
 
 REPORT = {
     "model": "smollm2-135m", "dtype": "fp32", "compress_seconds": 12.5, "resumed": True, "peak_rss_mib": 900.0,
-    "recipe": {"name": "aptq-2.5bit+kv4+sals", "description": "demo <recipe> & co", "steps": [{"type": "APTQ"}]},
+    "recipe": {"name": "aptq-2.5bit+kv4+sals", "description": "demo <recipe> & co",
+               "steps": [{"type": "Wanda"}, {"type": "APTQ"}]},
     "machine": {"cpu": "test cpu", "cores": 2, "torch": "2.13.0"},
     "evaluation": {
         "method": "aptq", "torch_threads": 2,
@@ -85,6 +86,9 @@ def test_page_is_well_formed_self_contained_and_has_every_plot(tmp_path):
     assert [r["ppl"] for r in rows] == [22.8, 41.3, 41.3] and rows[2]["kv_B_per_token"] == 9000.0
     path = write_report(_folder(tmp_path))
     assert path.read_text() == page
+    # Without a pruning step the zeros a low-bit grid makes are not drawn as sparsity.
+    quant_only = {**REPORT, "recipe": {**REPORT["recipe"], "steps": [{"type": "APTQ"}]}}
+    assert "Fraction of zero weights" not in render_html(quant_only, CHOICES)
 
 
 def test_missing_or_corrupt_report_is_a_clear_error(tmp_path):

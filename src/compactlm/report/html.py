@@ -19,6 +19,9 @@ from ..errors import DataError
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1")
 
 
+PRUNE_TYPES = ("Magnitude", "Wanda", "SparseGPT", "Barber")
+
+
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -175,7 +178,9 @@ def render_html(report: dict[str, Any], choices: dict[str, Any] | None = None) -
                        f"{_num(choices.get('avg_bits_with_metadata'))})</p>")
             out.append(layer_chart("Weight bits per linear layer", choices["bits"], "bits", vmax=8))
         sparsity = {k: v for k, v in (choices.get("sparsity") or {}).items()}
-        if sparsity and any(v > 0.01 for v in sparsity.values()):
+        # Only for recipes that prune: low-bit grids round many weights to exactly 0 without any pruning.
+        prunes = any(st.get("type") in PRUNE_TYPES for st in recipe.get("steps", []))
+        if prunes and sparsity and any(v > 0.01 for v in sparsity.values()):
             out.append(layer_chart("Fraction of zero weights per linear layer", sparsity, "", vmax=1.0))
     if ev.get("inspector"):
         out += ["<h2>Precision inspector: top offenders</h2>", _table(ev["inspector"])]
