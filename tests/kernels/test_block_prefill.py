@@ -153,17 +153,3 @@ def test_bad_inputs_raise():
         block_attention_reference(q[:, :, :32], k, v, layout)
     with pytest.raises(ConfigError, match="does not match"):
         layout_from_mask(torch.ones(1, 2, 3, 4, dtype=torch.bool), 16, 64, 64)
-
-
-def test_flex_buckets_are_powers_of_two_and_bucketed_equals_unbucketed():
-    from compactlm.kernels.block_prefill import flex_bucket
-
-    assert [flex_bucket(n) for n in (1, 2, 3, 5, 60, 64, 65)] == [1, 2, 4, 8, 64, 64, 128]
-    # 7 KV blocks -> padded to 8 x 8. The same bucketed shape with three query offsets (0, 120, 400) must reuse
-    # one compiled kernel and still be exact for each: causality must not depend on a value baked into it.
-    for q_len, seed in ((420, 5), (300, 7), (20, 9)):
-        q, k, v = inputs(1, 4, 2, q_len, 420, 16, torch.float32, seed=seed)
-        layout = random_layout(1, 2, q_len, 420, 64, 0.4, seed=seed + 1)
-        bucketed = block_attention_flex(q, k, v, layout)
-        assert_close(bucketed, block_attention_reference(q, k, v, layout), atol=2e-5)
-        assert_close(bucketed, block_attention_flex(q, k, v, layout, bucket=False), atol=2e-6)

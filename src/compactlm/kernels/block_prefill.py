@@ -177,78 +177,50 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _causal(b, h, q_idx, kv_idx):
-    # Queries are placed at their absolute positions (front-padded), so causality needs no offset: a
-    # captured offset tensor would be baked into a compiled kernel that later calls of the same
-    # (bucketed) shape reuse with a different offset.
-    return q_idx >= kv_idx
+def _causal_mask_mod(offset: torch.Tensor):
+    # The offset is a captured tensor (not a Python int) so that new offsets reuse the compiled kernel.
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return causal
 
 
-def flex_bucket(blocks: int) -> int:
-    """Blocks a FlexAttention call is padded to: the next power of two (at least 1).
-
-    Why: the compiled CPU kernel is specialised per shape (3-25 s per new shape, and torch.compile falls
-    back to eager after its recompile limit), and every prompt of a long-context benchmark has its own
-    length. Padded query blocks read no KV block and padded KV blocks are never read, so the padding
-    costs memory only, not attention FLOPs; up to 32K tokens there are at most 10 shapes per block size.
-    """
-    return 1 << max(0, blocks - 1).bit_length()
-
-
-def flex_block_mask(layout: BlockLayout, heads: int, q_blocks: int | None = None, kv_blocks: int | None = None):
-    """A FlexAttention ``BlockMask`` with queries at absolute positions: kept blocks full, the diagonal partial.
-
-    Query block ``first + m`` (``first = q_offset // block``) holds the layout's query block ``m``; the
-    blocks before it (the cached prefix) and any padding up to ``q_blocks``/``kv_blocks`` (bucketed
-    shapes, :func:`flex_bucket`) read nothing.
-    """
+def flex_block_mask(layout: BlockLayout, heads: int):
+    """A FlexAttention ``BlockMask`` over the padded shapes: kept off-diagonal blocks full, diagonal partial."""
     from torch.nn.attention.flex_attention import BlockMask
 
     group = heads // layout.kv_indices.shape[1]
     idx = layout.kv_indices.repeat_interleave(group, 1)  # (B, H, NQB, M): one row per query head
     counts = layout.kv_counts.repeat_interleave(group, 1)
     diag = idx.gather(-1, (counts - 1).clamp_min(0).long()[..., None])  # (B, H, NQB, 1)
-    nqb = idx.shape[2]
     nkb = -(-layout.kv_len // layout.block)
-    first = layout.q_offset // layout.block
-    rows = slice(first, first + nqb)
-    q_blocks, kv_blocks = max(q_blocks or nkb, first + nqb), max(kv_blocks or nkb, nkb)
-    full_idx = torch.zeros(*idx.shape[:2], q_blocks, kv_blocks, dtype=torch.int32)
-    full_idx[:, :, rows, :idx.shape[-1]] = idx  # the first counts-1 entries are the full (off-diagonal) blocks
+    full_idx = torch.zeros(*idx.shape[:-1], nkb, dtype=torch.int32)
+    full_idx[..., :idx.shape[-1]] = idx  # the first counts-1 entries are the full (off-diagonal) blocks
     part_idx = torch.zeros_like(full_idx)
-    part_idx[:, :, rows, :1] = diag
-    full_counts = torch.zeros(*idx.shape[:2], q_blocks, dtype=torch.int32)
-    full_counts[:, :, rows] = counts - 1
-    part_counts = torch.zeros_like(full_counts)
-    part_counts[:, :, rows] = 1
+    part_idx[..., :1] = diag
+    # Padded query row 0 sits at absolute position q_offset - pad.
+    offset = torch.tensor(layout.q_offset - layout.pad, dtype=torch.int64)
+    nqb = idx.shape[2]
     return BlockMask.from_kv_blocks(
-        part_counts, part_idx.contiguous(), full_counts, full_idx.contiguous(),
-        BLOCK_SIZE=layout.block, mask_mod=_causal,
-        seq_lengths=(q_blocks * layout.block, kv_blocks * layout.block),
+        torch.ones_like(counts), part_idx.contiguous(), (counts - 1).contiguous(), full_idx.contiguous(),
+        BLOCK_SIZE=layout.block, mask_mod=_causal_mask_mod(offset),
+        seq_lengths=(nqb * layout.block, nkb * layout.block),
         compute_q_blocks=False)  # the transposed (backward) indices cost more than the selection; no backward here
 
 
 def block_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                         scale: float | None = None, block_mask=None, bucket: bool = True) -> torch.Tensor:
-    """Block-sparse causal attention through compiled FlexAttention (pads to whole blocks, then trims).
-
-    Queries are front-padded to their absolute positions (``q_offset`` zeros; those rows read nothing).
-    With ``bucket`` the block counts are padded to :func:`flex_bucket` sizes so that prompts of many
-    lengths share a few compiled kernels. A caller-built ``block_mask`` sets the padded shape itself.
-    """
+                         scale: float | None = None, block_mask=None) -> torch.Tensor:
+    """Block-sparse causal attention through compiled FlexAttention (pads to whole blocks, then trims)."""
     _check(q, k, v, layout)
-    blk, off = layout.block, layout.q_offset
+    blk, pad = layout.block, layout.pad
+    nqb = layout.kv_counts.shape[-1]
     nkb = -(-layout.kv_len // blk)
-    if block_mask is not None:  # padded to whatever shape the caller built the mask for
-        q_blocks, kv_blocks = (n // blk for n in block_mask.seq_lengths)
-    else:
-        q_blocks = kv_blocks = flex_bucket(nkb) if bucket else nkb
-    qp = torch.nn.functional.pad(q, (0, 0, off, q_blocks * blk - off - q.shape[2]))
-    kp = torch.nn.functional.pad(k, (0, 0, 0, kv_blocks * blk - k.shape[2]))
-    vp = torch.nn.functional.pad(v, (0, 0, 0, kv_blocks * blk - v.shape[2]))
-    mask = block_mask if block_mask is not None else flex_block_mask(layout, q.shape[1], q_blocks, kv_blocks)
+    qp = torch.nn.functional.pad(q, (0, 0, pad, nqb * blk - pad - q.shape[2]))
+    kp = torch.nn.functional.pad(k, (0, 0, 0, nkb * blk - k.shape[2]))
+    vp = torch.nn.functional.pad(v, (0, 0, 0, nkb * blk - v.shape[2]))
+    mask = block_mask if block_mask is not None else flex_block_mask(layout, q.shape[1])
     out = _compiled_flex()(qp, kp, vp, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out[:, :, off:off + q.shape[2]]
+    return out[:, :, pad:pad + q.shape[2]]
 
 
 # --- Triton ----------------------------------------------------------------------------------------------
