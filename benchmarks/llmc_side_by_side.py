@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -73,18 +72,12 @@ def ours_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> dict:
-    """The same plain loop as the llm-compressor worker's (fp32 logits, mean NLL over predicted tokens)."""
-    import torch.nn.functional as F
+def _perplexity(model, windows, batch_size: int = 4) -> dict:
+    """The llm-compressor worker's own loop (imported, so both sides share one harness)."""
+    from _llmc_worker import perplexity  # benchmarks/ is on sys.path when this file runs as a script
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in torch.split(windows, batch_size):
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            target = batch[:, 1:]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
-            count += target.numel()
-    return {"ppl": math.exp(total / count), "tokens": count}
+    ppl, count = perplexity(model, windows, batch_size)
+    return {"ppl": ppl, "tokens": count}
 
 
 def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
