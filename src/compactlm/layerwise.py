@@ -230,31 +230,24 @@ class _GroupDone(Exception):
 def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str, nn.Linear],
                  report: LayerwiseReport) -> None:
     stats = {n: method.new_stats(n, m) for n, m in modules.items()}
+    # Once every linear of the group has seen a batch, the rest of the layer's forward is wasted work
+    # (true-sequential calibration runs the layer once per group): stop it there, unless the method
+    # gathers statistics later in the forward (APTQ's attention-aware q/k/v statistics).
+    stop_early = not getattr(method, "needs_full_layer_forward", False)
+    pending: set[str] = set()
 
     def collector(name: str):
         def hook(module, args, output):
             method.add_batch(stats[name], name, module, args[0].detach(), output.detach())
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _GroupDone
         return hook
 
     handles = [m.register_forward_hook(collector(n)) for n, m in modules.items()]
-    # Once every linear of the group has seen a batch, the rest of the layer's forward is wasted work
-    # (true-sequential calibration runs the layer once per group): stop it there, unless the method
-    # gathers statistics later in the forward (APTQ's attention-aware q/k/v statistics).
-    if not getattr(method, "needs_full_layer_forward", False):
-        pending: set[str] = set()
-
-        def stopper(name: str):
-            def hook(module, args, output):
-                pending.discard(name)
-                if not pending:
-                    raise _GroupDone
-            return hook
-
-        handles += [m.register_forward_hook(stopper(n)) for n, m in modules.items()]
     try:
         for x in ctx.inputs:
-            if not getattr(method, "needs_full_layer_forward", False):
-                pending.update(modules)
+            pending.update(modules)
             try:
                 ctx.run(x.to(ctx.device))
             except _GroupDone:

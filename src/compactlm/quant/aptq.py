@@ -177,19 +177,23 @@ def attention_stats(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 class _AttnAware:
     """Mixin for runners: collect attention-aware q/k/v Hessians through a scoped attention handler."""
 
-    def _init_attn(self, model: nn.Module, cfg: APTQ) -> None:
+    def _init_attn(self, model: nn.Module, cfg: APTQ, attention_aware: bool) -> None:
         self.adapter = get_adapter(model)
         self.cfg = cfg
+        self.attention_aware = attention_aware
         f = self.adapter.family
         self.qkv = {f"{f.attn}.{f.q}": "q", f"{f.attn}.{f.k}": "k", f"{f.attn}.{f.v}": "v"}
         self._attn_stats: dict[str, AttnStats] = {}
         self._x: torch.Tensor | None = None
         self._gen: torch.Generator | None = None
+
+    @property
+    def needs_full_layer_forward(self) -> bool:
         # The q/k/v statistics are finished inside the attention handler, after the projections ran.
-        self.needs_full_layer_forward = cfg.attention_aware
+        return self.attention_aware
 
     def new_stats(self, name: str, module: nn.Linear) -> Any:
-        if self.cfg.attention_aware and name in self.qkv:
+        if self.attention_aware and name in self.qkv:
             a = self.adapter
             heads = a.num_heads if self.qkv[name] == "q" else a.num_kv_heads
             self._attn_stats[name] = AttnStats(heads, module.in_features, module.weight.device)
@@ -225,7 +229,7 @@ class _AttnAware:
         self._attn_stats.pop(name, None)
 
     def run(self, model, calib, targets, desc, device=None):
-        handlers = {i: self.handler for i in range(self.adapter.num_layers)} if self.cfg.attention_aware else {}
+        handlers = {i: self.handler for i in range(self.adapter.num_layers)} if self.attention_aware else {}
         with attention_override(model, handlers):
             return layerwise_run(model, calib, self, device=device, batch_size=self.cfg.batch_size,
                                  filter_fn=layer_filter(targets), desc=desc)
@@ -242,16 +246,9 @@ class SensitivityRun(_AttnAware):
     needs_reference_outputs = False
 
     def __init__(self, model: nn.Module, cfg: APTQ, grad_moments: dict[str, torch.Tensor] | None = None):
-        self._init_attn(model, cfg)
+        self._init_attn(model, cfg, attention_aware=cfg.attention_aware and grad_moments is None)
         self.grad_moments = grad_moments
-        self.attention_aware = cfg.attention_aware and grad_moments is None
-        self.needs_full_layer_forward = self.attention_aware
         self.sens: dict[str, dict[int, float]] = {}
-
-    def new_stats(self, name: str, module: nn.Linear) -> Any:
-        if not self.attention_aware:
-            return HessianAccumulator(module.in_features, device=module.weight.device)
-        return super().new_stats(name, module)
 
     def solve(self, name, module, stats, ctx) -> dict[str, Any]:
         full = f"{ctx.prefix}.{name}"
@@ -282,12 +279,6 @@ class SensitivityRun(_AttnAware):
         self.end_group(name)
         return {"sensitivity": out}
 
-    def run(self, model, calib, targets, desc, device=None):
-        handlers = {i: self.handler for i in range(self.adapter.num_layers)} if self.attention_aware else {}
-        with attention_override(model, handlers):
-            return layerwise_run(model, calib, self, device=device, batch_size=self.cfg.batch_size,
-                                 filter_fn=layer_filter(targets), desc=desc)
-
     def refine_layer(self, ctx, targets, reference_outputs) -> None:
         return None
 
@@ -297,7 +288,7 @@ class APTQRun(_AttnAware, GPTQRun):
 
     def __init__(self, model: nn.Module, cfg: APTQ, bits_for: dict[str, int]):
         GPTQRun.__init__(self, cfg, bits_for)
-        self._init_attn(model, cfg)
+        self._init_attn(model, cfg, attention_aware=cfg.attention_aware)
 
     def hessian(self, name, module, stats, ctx):
         self.end_group(name)
