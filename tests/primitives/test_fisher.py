@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compactlm.errors import DataError
+from compactlm.errors import CalibrationError, DataError
 from compactlm.models import get_adapter, tiny_model
 from compactlm.primitives.fisher import output_gradient_moments
 
@@ -50,3 +50,13 @@ def test_missing_calibration_is_a_clear_error():
         output_gradient_moments(model, None, _targets(model))
     with pytest.raises(DataError, match="T >= 2"):
         output_gradient_moments(model, torch.zeros(2, 1, dtype=torch.long), _targets(model))
+
+
+def test_a_non_finite_loss_is_a_clear_error_and_the_model_is_restored():
+    model = tiny_model("llama", seed=0).float()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(CalibrationError, match="not finite"):
+        output_gradient_moments(model, torch.randint(3, 256, (2, 8)), _targets(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
