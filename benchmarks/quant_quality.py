@@ -10,7 +10,8 @@ short still leaves its finished rows, marked ``complete: false``).
 
 ``--quick`` = 32 calibration sequences (CALIB-pg-512-q) and 40 windows (PPL-wiki-512-q); the full
 protocol is 128 and 200. Settings: ``base``, ``rtn:B``, ``gptq:B``, ``aptq:AVG[:MENU]`` (MENU as digits,
-default ``24`` = the paper's 2/4; ``234`` = 2/3/4), ``aptqlayer:AVG[:MENU]`` (the local Hessian-trace
+default ``24`` = the paper's 2/4; ``234`` = 2/3/4; any config field as ``@field=value``, e.g.
+``aptq:2.5:234@sensitivity_quantizer=rtn@clip_search=true``), ``aptqlayer:AVG[:MENU]`` (the local Hessian-trace
 sensitivity instead of the loss-gradient one), ``aptqplain:AVG[:MENU]`` (plain GPTQ Hessians for q/k/v);
 all g64, asymmetric, fp32. Wall time and peak RSS are per setting (RSS is the process peak so far).
 """
@@ -31,12 +32,36 @@ from compactlm.quant import APTQ, GPTQ, RTN, quant_summary
 from compactlm.utils import machine_info, peak_rss_mib, write_json_atomic
 
 
+def _parse_overrides(parts: list[str]) -> dict:
+    """``field=value`` overrides after ``@`` (``@sensitivity_quantizer=rtn@clip_search=true``); values parse as
+    bool, int, float or str."""
+    out = {}
+    for part in parts:
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise SystemExit(f"override {part!r} must be field=value")
+        low = raw.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(raw)
+            except ValueError:
+                try:
+                    out[key] = float(raw)
+                except ValueError:
+                    out[key] = raw
+    return out
+
+
 def make_config(setting: str, group_size: int):
-    kind, _, value = setting.partition(":")
+    head, *overrides = setting.split("@")
+    extra = _parse_overrides(overrides)
+    kind, _, value = head.partition(":")
     if kind == "rtn":
-        return RTN(bits=int(value), group_size=group_size)
+        return RTN(bits=int(value), group_size=group_size, **extra)
     if kind == "gptq":
-        return GPTQ(bits=int(value), group_size=group_size)
+        return GPTQ(bits=int(value), group_size=group_size, **extra)
     if kind in ("aptq", "aptqlayer", "aptqplain"):
         avg, _, menu = value.partition(":")
         options = {"bits_menu": tuple(int(c) for c in menu)} if menu else {}
@@ -44,7 +69,7 @@ def make_config(setting: str, group_size: int):
             options["sensitivity"] = "layer"
         if kind == "aptqplain":  # ablation: APTQ allocation with plain GPTQ Hessians for q/k/v
             options["attention_aware"] = False
-        return APTQ(avg_bits=float(avg), group_size=group_size, **options)
+        return APTQ(avg_bits=float(avg), group_size=group_size, **{**options, **extra})
     raise SystemExit(f"unknown setting {setting!r}")
 
 
@@ -53,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="base,rtn:3,gptq:3,aptq:3.0")
     p.add_argument("--quick", action="store_true", help="32 calibration sequences, 40 windows")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=0,
+                   help="calibration sequences (0: the protocol's, 32 with --quick, else 128); say so in --note")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--json", required=True)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -61,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     nsamples, windows = (32, 40) if args.quick else (128, 200)
+    nsamples = args.nsamples or nsamples
     model, tok = compactlm.models.load(args.model)
     calib = calibration_set(tok, "essays", nsamples=nsamples, seqlen=512)
     ids = eval_windows(tok, "wiki", 512, windows)
@@ -77,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {"setting": setting}
         if setting != "base":
             cfg = make_config(setting, args.group_size)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             report: dict = {}
             compactlm.quantize(model, cfg, calib=None if isinstance(cfg, RTN) else calib, report=report)
             row["quantize_seconds"] = time.perf_counter() - start
+            # CPU seconds (all threads) beside wall time: on a shared machine wall time is an upper bound.
+            row["quantize_cpu_seconds"] = time.process_time() - cpu_start
             s = quant_summary(model)
             row.update(config=cfg.to_dict(), avg_bits=s["avg_bits"], avg_bits_with_metadata=s["avg_bits_with_metadata"],
                        model_MiB=s["model_bytes"] / 2**20, damp_retries=sum(r.get("damp_retries", 0)
