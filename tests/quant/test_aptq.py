@@ -98,3 +98,5 @@ def test_layer_sensitivity_and_bad_sensitivity_names(tiny_llama):
         APTQ(sensitivity="hessian")
     with pytest.raises(ConfigError, match="sensitivity_quantizer"):
         APTQ(sensitivity_quantizer="awq")
+    with pytest.raises(ConfigError, match="gradient_dtype must be"):
+        APTQ(gradient_dtype="fp16")
