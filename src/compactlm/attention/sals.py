@@ -22,7 +22,9 @@ so a GQA group reads one set of tokens; projections are stored as the full eigen
 every rank; keys are recovered from the post-RoPE keys the cache receives by the inverse rotation (exact up to
 rounding) instead of a second hook on ``k_proj``.
 
-Fields of :class:`SALSConfig`: ``rank`` (fraction of n_kv·d, or a count), ``score_dims`` r* (fraction of r or a
+Fields of :class:`SALSConfig`: ``rank`` (fraction of n_kv·d, a count, or ``"energy:τ"``: per layer the smallest
+rank keeping τ of that layer's calibration key energy, :mod:`.sals_ranks`), ``rank_budget`` (with energy ranks:
+cap on their average over the sparse layers, a fraction of n_kv·d or a count), ``score_dims`` r* (fraction of r or a
 count; default r/2), ``keep`` (fraction of the context or a count), ``sink``, ``recent``, ``dense_first`` /
 ``dense_last`` (or an explicit ``dense_layers`` list), ``mode`` (``compressed``: the cache holds only latent
 keys + values; ``index``: full keys kept, the latent only selects), ``pool`` (how a GQA group's query heads vote),
@@ -41,10 +43,11 @@ import torch
 from ..errors import ConfigError
 from ..evaluation.methods import RuntimeMethod, register_method
 from ..kernels.sparse_decode import DecodeBuffers, SelectParams, sals_decode
-from .decode_common import CacheCapture, DecodeBudget, RopeTable, decode_inputs, resolve_count
+from .decode_common import CacheCapture, DecodeBudget, RopeTable, decode_inputs, resolve_count, validate_budget
 from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .sals_cache import SALSLayer, convert_cache
 from .sals_calib import SALSProjections, projections_for
+from .sals_ranks import energy_ranks, parse_energy
 
 MODES = ("compressed", "index")
 POOLS = ("max", "mean", "softmax")
@@ -59,9 +62,10 @@ class SALSConfig(DecodeBudget):
     come from :class:`~.decode_common.DecodeBudget`, shared with the baselines.
     """
 
-    FRACTIONS: ClassVar[tuple[str, ...]] = ("rank", "score_dims", "keep")
+    FRACTIONS: ClassVar[tuple[str, ...]] = ("score_dims", "keep")
 
-    rank: float | int = 0.25
+    rank: float | int | str = 0.25
+    rank_budget: float | int | None = None
     score_dims: float | int = 0.5
     mode: str = "compressed"
     pool: str = "max"
@@ -73,6 +77,14 @@ class SALSConfig(DecodeBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        tau = parse_energy(self.rank)
+        if tau is None:
+            validate_budget(self, ("rank",))
+        if self.rank_budget is not None:
+            if tau is None:
+                raise ConfigError(f"SALSConfig.rank_budget={self.rank_budget!r} needs rank='energy:τ' (it caps the "
+                                  f"average of per-layer energy ranks); with rank={self.rank!r} drop rank_budget")
+            validate_budget(self, ("rank_budget",))
         if self.mode not in MODES:
             raise ConfigError(f"SALSConfig.mode={self.mode!r}; use 'compressed' (latent keys only) or 'index'")
         if self.pool not in POOLS:
@@ -87,10 +99,40 @@ class SALSConfig(DecodeBudget):
             raise ConfigError(f"SALSConfig.value_group must be an int ≥ 1 (channels per scale), got "
                               f"{self.value_group!r}")
 
+    @property
+    def energy(self) -> float | None:
+        """τ of ``rank='energy:τ'`` (per-layer ranks from calibration energy), else None."""
+        return parse_energy(self.rank)
+
     def ranks(self, width: int) -> tuple[int, int]:
-        """(r, r*) for a joint key width n_kv·d."""
+        """(r, r*) for a joint key width n_kv·d, when the rank is one number for every layer."""
+        if self.energy is not None:
+            raise ConfigError(f"SALSConfig.rank={self.rank!r} gives one rank per layer from calibration energy; "
+                              "use layer_ranks(projections, num_layers)")
         r = resolve_count(self.rank, width, "rank")
         return r, min(r, resolve_count(self.score_dims, r, "score_dims"))
+
+    def layer_ranks(self, projections: SALSProjections, num_layers: int) -> dict[int, tuple[int, int]]:
+        """(r, r*) for each sparse layer: the fixed rank, or ``energy:τ`` ranks (capped by ``rank_budget``).
+
+        ``rank_budget`` is the average latent rank over the sparse layers (a fraction of n_kv·d or a count);
+        when the τ-ranks exceed it, dims are given out greedily by each layer's share of energy
+        (:func:`~.sals_ranks.budget_ranks`). r* = ``score_dims`` of each layer's own r.
+        """
+        width = projections.width
+        sparse = self.sparse_layers(num_layers)
+        if self.energy is None:
+            r = resolve_count(self.rank, width, "rank")
+            ranks = {i: r for i in sparse}
+        elif sparse:
+            total = None
+            if self.rank_budget is not None:
+                total = resolve_count(self.rank_budget, width, "rank_budget") * len(sparse)
+            chosen = energy_ranks(projections.eigvals[sparse], self.energy, total)
+            ranks = dict(zip(sparse, (int(r) for r in chosen), strict=True))
+        else:
+            ranks = {}
+        return {i: (r, min(r, resolve_count(self.score_dims, r, "score_dims"))) for i, r in ranks.items()}
 
 
 SALS = SALSConfig
@@ -106,7 +148,7 @@ class SALSRun:
         self.cfg = cfg
         a = self.adapter
         self.width = a.num_kv_heads * a.head_dim
-        self.r, self.r_star = cfg.ranks(self.width)
+        self.ranks = cfg.layer_ranks(projections, a.num_layers)  # {layer: (r, r*)}
         self.sparse = cfg.sparse_layers(a.num_layers)
         self.projections = projections
         self.rope = RopeTable(a)
@@ -129,7 +171,7 @@ class SALSRun:
                                   block_reduce=self.cfg.block_reduce)
             cos_t, sin_t = self.rope.tables(layer.max_pos + 1, i, layer.proj.dtype)
             out, _ = sals_decode(query, q_cos, q_sin, layer.latent_view(), layer.values_view(),
-                                 layer.positions_view(), layer.proj, self.r_star, cos_t, sin_t, params, scaling,
+                                 layer.positions_view(), layer.proj, self.ranks[i][1], cos_t, sin_t, params, scaling,
                                  valid=valid, keys=layer.keys_view(),
                                  buffers=self.buffers.setdefault(i, DecodeBuffers()))
             return out, None
@@ -163,11 +205,25 @@ def sals_method(model: torch.nn.Module, cfg: SALSConfig, name: str = "sals") -> 
         convert_cache(cache, adapter, cfg, projections, rope, sparse)
         return cache
 
-    r, r_star = cfg.ranks(adapter.num_kv_heads * adapter.head_dim)
     return RuntimeMethod(name, attach=lambda m: sparse_attention(m, cfg), make_cache=make_cache,
                          shares_prefill=True,
-                         description=f"SALS r={r} r*={r_star} keep={cfg.keep} sink={cfg.sink} recent={cfg.recent} "
-                                     f"mode={cfg.mode} dense={sorted(set(range(adapter.num_layers)) - set(sparse))}")
+                         description=f"SALS {describe_ranks(cfg, projections, adapter.num_layers)} keep={cfg.keep} "
+                                     f"sink={cfg.sink} recent={cfg.recent} mode={cfg.mode} "
+                                     f"dense={sorted(set(range(adapter.num_layers)) - set(sparse))}")
+
+
+def describe_ranks(cfg: SALSConfig, projections: SALSProjections, num_layers: int) -> str:
+    """``r=48 r*=24`` for a fixed rank; the per-layer list and its mean for energy ranks."""
+    ranks = cfg.layer_ranks(projections, num_layers)
+    if cfg.energy is None:
+        r, r_star = next(iter(ranks.values()), (0, 0))
+        return f"r={r} r*={r_star}"
+    rs = [r for r, _ in ranks.values()]
+    mean = sum(rs) / max(1, len(rs))
+    budget = "" if cfg.rank_budget is None else f" budget={cfg.rank_budget}"
+    per_layer = {i: r for i, (r, _) in ranks.items()}
+    return (f"rank=energy:{cfg.energy}{budget} (mean r {mean:.1f} = {mean / projections.width:.1%} of "
+            f"{projections.width}) r per layer={per_layer} r*=score_dims {cfg.score_dims}")
 
 
 def config_from_options(cls: type, options: dict[str, Any]) -> Any:
@@ -180,7 +236,9 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     for key, value in options.items():
         if key == "tokenizer":
             continue
-        if isinstance(value, str) and key not in ("mode", "pool", "block_reduce", "projections"):
+        if key == "rank" and isinstance(value, str) and value.strip().startswith("energy"):
+            value = value.strip()  # 'energy:τ', checked by SALSConfig
+        elif isinstance(value, str) and key not in ("mode", "pool", "block_reduce", "projections"):
             value = _parse_number(key, value)
         kwargs[key] = value
     return cls(**kwargs)

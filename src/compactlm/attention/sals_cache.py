@@ -205,8 +205,7 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) < adapter.num_layers and replicate is not None:
         layers.append(replicate())
-    width = adapter.num_kv_heads * adapter.head_dim
-    r, _ = cfg.ranks(width)
+    ranks = cfg.layer_ranks(projections, adapter.num_layers)  # per layer: energy ranks differ by layer
     if cfg.value_bits is not None and (adapter.head_dim % cfg.value_group or adapter.head_dim * cfg.value_bits % 8):
         raise ConfigError(f"SALSConfig.value_group={cfg.value_group} must divide the head dim {adapter.head_dim}")
     for i in sparse:
@@ -217,7 +216,8 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
             raise ConfigError(f"SALS converts full-precision DynamicLayer caches; layer {i} is {type(old).__name__}. "
                               "Run SALS with a plain DynamicCache (values quantization is not combined yet)")
         dtype = adapter.embed_tokens.weight.dtype
-        new = SALSLayer(projections.proj(i, r, dtype), rope_table, i, cfg.mode, cfg.value_bits, cfg.value_group)
+        new = SALSLayer(projections.proj(i, ranks[i][0], dtype), rope_table, i, cfg.mode, cfg.value_bits,
+                        cfg.value_group)
         if old.is_initialized and old.keys is not None and old.keys.numel():
             length = old.keys.shape[-2]
             pos = torch.arange(length, device=old.keys.device)[None]
