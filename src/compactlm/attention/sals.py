@@ -23,14 +23,16 @@ every rank; keys are recovered from the post-RoPE keys the cache receives by the
 rounding) instead of a second hook on ``k_proj``.
 
 Fields of :class:`SALSConfig`: ``rank`` (fraction of n_kv·d, a count, or ``"energy:τ"``: per layer the smallest
-rank keeping τ of that layer's calibration key energy, :mod:`.sals_ranks`), ``rank_budget`` (with energy ranks:
-cap on their average over the sparse layers, a fraction of n_kv·d or a count), ``score_dims`` r* (fraction of r or a
+rank keeping τ of that layer's calibration key energy, :mod:`.sals_ranks`), ``rank_budget`` (with energy ranks: cap
+on their average over the sparse layers, a fraction of n_kv·d or a count), ``score_dims`` r* (fraction of r or a
 count; default r/2), ``keep`` (fraction of the context or a count), ``sink``, ``recent``, ``dense_first`` /
-``dense_last`` (or an explicit ``dense_layers`` list), ``mode`` (``compressed``: the cache holds only latent
-keys + values; ``index``: full keys kept, the latent only selects), ``pool`` (how a GQA group's query heads vote),
-``block`` / ``block_reduce`` (select contiguous blocks instead of tokens), ``projections`` (a calibration file or
-a folder holding ``sals_projections.safetensors``), ``value_bits`` / ``value_group`` (values stored as per-token
-KIVI codes from :mod:`compactlm.kv.quantizer`, dequantized only for the chosen tokens; None = full precision).
+``dense_last`` (or an explicit ``dense_layers`` list), ``score_rope`` (``free``: the paper's RoPE-free latent
+score; ``averaged``: the logit expected over the candidates' distances, :mod:`.sals_scoring`), ``mode``
+(``compressed``: the cache holds only latent keys + values; ``index``: full keys kept, the latent only selects),
+``pool`` (how a GQA group's query heads vote), ``block`` / ``block_reduce`` (select contiguous blocks instead of
+tokens), ``projections`` (a calibration file or a folder holding ``sals_projections.safetensors``), ``value_bits``
+/ ``value_group`` (values stored as per-token KIVI codes from :mod:`compactlm.kv.quantizer`, dequantized only for
+the chosen tokens; None = full precision).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .sals_cache import SALSLayer, convert_cache
 from .sals_calib import SALSProjections, projections_for
 from .sals_ranks import energy_ranks, parse_energy
+from .sals_scoring import averaged_query_rope, rope_frequencies
 
 MODES = ("compressed", "index")
 POOLS = ("max", "mean", "softmax")
+SCORE_ROPE = ("free", "averaged")
 REDUCES = ("max", "mean", "logsumexp")
 
 
@@ -68,6 +72,7 @@ class SALSConfig(DecodeBudget):
     rank_budget: float | int | None = None
     score_dims: float | int = 0.5
     mode: str = "compressed"
+    score_rope: str = "free"
     pool: str = "max"
     block: int = 1
     block_reduce: str = "max"
@@ -87,6 +92,9 @@ class SALSConfig(DecodeBudget):
             validate_budget(self, ("rank_budget",))
         if self.mode not in MODES:
             raise ConfigError(f"SALSConfig.mode={self.mode!r}; use 'compressed' (latent keys only) or 'index'")
+        if self.score_rope not in SCORE_ROPE:
+            raise ConfigError(f"SALSConfig.score_rope={self.score_rope!r}; use 'free' (the paper's RoPE-free latent "
+                              "score) or 'averaged' (expected logit over the candidates' distances)")
         if self.pool not in POOLS:
             raise ConfigError(f"SALSConfig.pool={self.pool!r}; use one of {', '.join(POOLS)}")
         if not isinstance(self.block, int) or self.block < 1:
@@ -154,6 +162,14 @@ class SALSRun:
         self.rope = RopeTable(a)
         self.capture = CacheCapture(self.convert)
         self.buffers: dict[int, DecodeBuffers] = {}
+        self._theta: dict[int, torch.Tensor] = {}
+
+    def theta(self, i: int) -> torch.Tensor:
+        """RoPE angle per position of each channel of layer ``i`` (D,), float64."""
+        if i not in self._theta:
+            cos, sin = self.rope.tables(2, i, torch.float32)
+            self._theta[i] = rope_frequencies(cos, sin)[0]
+        return self._theta[i]
 
     def convert(self, cache: Any) -> None:
         convert_cache(cache, self.adapter, self.cfg, self.projections, self.rope, self.sparse)
@@ -166,6 +182,9 @@ class SALSRun:
                                    f"{type(layer).__name__}. Pass the cache as `cache=`/`past_key_values=`.")
             length = layer.length
             q_cos, q_sin, valid = decode_inputs(self.rope, query, kwargs, attention_mask, length, i)
+            if self.cfg.score_rope == "averaged":
+                # Score with the logit expected over the candidates' distances [recent, length-1] (sals_scoring).
+                q_cos, q_sin = averaged_query_rope(q_cos, q_sin, self.theta(i), self.cfg.recent, length - 1)
             params = SelectParams(k=resolve_count(self.cfg.keep, length, "keep"), sink=self.cfg.sink,
                                   recent=self.cfg.recent, pool=self.cfg.pool, block=self.cfg.block,
                                   block_reduce=self.cfg.block_reduce)
@@ -208,7 +227,7 @@ def sals_method(model: torch.nn.Module, cfg: SALSConfig, name: str = "sals") -> 
     return RuntimeMethod(name, attach=lambda m: sparse_attention(m, cfg), make_cache=make_cache,
                          shares_prefill=True,
                          description=f"SALS {describe_ranks(cfg, projections, adapter.num_layers)} keep={cfg.keep} "
-                                     f"sink={cfg.sink} recent={cfg.recent} mode={cfg.mode} "
+                                     f"sink={cfg.sink} recent={cfg.recent} mode={cfg.mode} score_rope={cfg.score_rope} "
                                      f"dense={sorted(set(range(adapter.num_layers)) - set(sparse))}")
 
 
@@ -238,7 +257,7 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
             continue
         if key == "rank" and isinstance(value, str) and value.strip().startswith("energy"):
             value = value.strip()  # 'energy:τ', checked by SALSConfig
-        elif isinstance(value, str) and key not in ("mode", "pool", "block_reduce", "projections"):
+        elif isinstance(value, str) and key not in ("mode", "pool", "block_reduce", "projections", "score_rope"):
             value = _parse_number(key, value)
         kwargs[key] = value
     return cls(**kwargs)
