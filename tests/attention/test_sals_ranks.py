@@ -135,3 +135,36 @@ def test_energy_rank_full_is_exact_and_bytes_follow_ranks(model):
 def test_method_description_lists_layer_ranks(model):
     m = sals_method(model, SALSConfig(rank="energy:0.9", rank_budget=0.25, dense_first=0, dense_last=0))
     assert "rank=energy:0.9 budget=0.25" in m.description and "r per layer" in m.description
+
+
+def test_exact_sink_and_recent_keys(model):
+    """Compressed mode at a tiny rank, every token kept: exact keys for all slots give dense attention back."""
+    from transformers import DynamicCache
+
+    ids, new = torch.randint(3, 256, (1, 30)), torch.randint(3, 256, (1, 4))
+
+    def run(cfg):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), sparse_attention(model, cfg):
+            model(ids, cache=cache)
+            out = torch.cat([model(new[:, j:j + 1], cache=cache).logits for j in range(4)], 1)
+        return out, cache
+
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=model.config)
+        model(ids, cache=ref_cache)
+        ref = torch.cat([model(new[:, j:j + 1], cache=ref_cache).logits for j in range(4)], 1)
+    base = dict(rank=2, score_dims=1.0, keep=1.0, sink=0, recent=1, dense_first=0, dense_last=0)
+    lossy, plain_cache = run(SALSConfig(**base))
+    assert not torch.allclose(lossy, ref, atol=1e-3)
+    for exact in (dict(exact_sink=64), dict(exact_recent=64), dict(exact_sink=10, exact_recent=30)):
+        out, cache = run(SALSConfig(**base, **exact))
+        assert torch.allclose(out, ref, atol=1e-4), (exact, (out - ref).abs().max())
+    part, cache = run(SALSConfig(**base, exact_sink=4, exact_recent=8))
+    assert (part - ref).abs().max() < (lossy - ref).abs().max()
+    layer, plain = cache.layers[1], plain_cache.layers[1]
+    assert layer.nbytes() - plain.nbytes() == 2 * 16 * 12 * 4 + 4 * 8  # (S + R) exact keys + S int64 slots
+    with pytest.raises(ConfigError, match="compressed"):
+        SALSConfig(mode="index", exact_sink=4)
+    with pytest.raises(ConfigError, match="exact_recent"):
+        SALSConfig(exact_recent=-1)

@@ -104,3 +104,26 @@ def test_rope_roundtrip_and_dense_baselines():
     assert torch.allclose(dense, ref, atol=1e-12)
     idx = torch.arange(50).view(1, 1, 50).expand(1, 2, 50)
     assert torch.allclose(sparse_gather_decode(q, k, v, idx, 0.25), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("sinks,recent", [(4, 0), (0, 8), (4, 8)])
+def test_exact_keys_fast_matches_reference(sinks, recent):
+    from compactlm.kernels.sparse_decode import ExactKeys
+
+    b, h, hkv, d, length, r = 2, 8, 2, 32, 300, 16
+    q, qc, qs, latent, values, pos, proj, ct, st, valid = _inputs(b, h, hkv, d, length, r, torch.float64, padded=True)
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(b, hkv, sinks + recent, d, generator=g, dtype=torch.float64)
+    sink_slot = torch.full((b, sinks), -1, dtype=torch.long)
+    if sinks:  # row 0 is left-padded by 5 slots: its sink positions sit at slots 5..
+        sink_slot[0] = torch.arange(sinks) + 5
+        sink_slot[1, : sinks - 1] = torch.arange(sinks - 1)  # one sink missing in row 1
+    exact = ExactKeys(keys, sink_slot, recent, length)
+    p = SelectParams(k=length // 8, sink=4, recent=8)
+    out, idx = sals_decode(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, valid=valid, exact=exact)
+    ref, ridx = sals_decode_reference(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, valid=valid,
+                                      exact=exact)
+    assert torch.equal(idx.sort(-1).values, ridx.sort(-1).values)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10), _err(out, ref)
+    plain, _ = sals_decode(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, valid=valid)
+    assert not torch.allclose(out, plain)  # the exact keys were used

@@ -79,6 +79,8 @@ class SALSConfig(DecodeBudget):
     projections: str | None = None
     value_bits: int | None = None
     value_group: int = 32
+    exact_sink: int = 0
+    exact_recent: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,6 +103,13 @@ class SALSConfig(DecodeBudget):
             raise ConfigError(f"SALSConfig.block must be an int ≥ 1 (1 = token-level top-k), got {self.block!r}")
         if self.block_reduce not in REDUCES:
             raise ConfigError(f"SALSConfig.block_reduce={self.block_reduce!r}; use one of {', '.join(REDUCES)}")
+        for name in ("exact_sink", "exact_recent"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"SALSConfig.{name} must be an int ≥ 0 (tokens whose exact keys are kept), got {v!r}")
+            if v and self.mode != "compressed":
+                raise ConfigError(f"SALSConfig.{name}={v} only applies to mode='compressed' (index mode keeps every "
+                                  "key exactly); set it to 0")
         if self.value_bits not in (None, 2, 4, 8):
             raise ConfigError(f"SALSConfig.value_bits={self.value_bits!r}; use None (full precision), 2, 4 or 8")
         if not isinstance(self.value_group, int) or self.value_group < 1:
@@ -192,7 +201,7 @@ class SALSRun:
             out, _ = sals_decode(query, q_cos, q_sin, layer.latent_view(), layer.values_view(),
                                  layer.positions_view(), layer.proj, self.ranks[i][1], cos_t, sin_t, params, scaling,
                                  valid=valid, keys=layer.keys_view(),
-                                 buffers=self.buffers.setdefault(i, DecodeBuffers()))
+                                 buffers=self.buffers.setdefault(i, DecodeBuffers()), exact=layer.exact_view())
             return out, None
 
         return decode
@@ -228,6 +237,7 @@ def sals_method(model: torch.nn.Module, cfg: SALSConfig, name: str = "sals") -> 
                          shares_prefill=True,
                          description=f"SALS {describe_ranks(cfg, projections, adapter.num_layers)} keep={cfg.keep} "
                                      f"sink={cfg.sink} recent={cfg.recent} mode={cfg.mode} score_rope={cfg.score_rope} "
+                                     f"exact_sink={cfg.exact_sink} exact_recent={cfg.exact_recent} "
                                      f"dense={sorted(set(range(adapter.num_layers)) - set(sparse))}")
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from ..errors import ConfigError
-from ..kernels.sparse_decode import PackedValues, rope, unrope
+from ..kernels.sparse_decode import ExactKeys, PackedValues, rope, unrope
 
 
 class SALSLayer(CacheLayerMixin):
@@ -24,8 +24,14 @@ class SALSLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, proj: torch.Tensor, rope_table: Any, layer_idx: int, mode: str = "compressed",
-                 value_bits: int | None = None, value_group: int = 32):
+                 value_bits: int | None = None, value_group: int = 32, exact_sink: int = 0, exact_recent: int = 0):
         super().__init__()
+        # Exact post-RoPE keys for the first `exact_sink` positions and a ring of the last `exact_recent` slots
+        # (compressed mode): constant memory, used instead of their latent rebuild (kernels.sparse_decode.ExactKeys).
+        self.exact_sink = exact_sink if mode == "compressed" else 0
+        self.exact_recent = exact_recent if mode == "compressed" else 0
+        self._exact: torch.Tensor | None = None  # (B, n_kv, S + R, d)
+        self._sink_slot: torch.Tensor | None = None  # (B, S) int64, -1 = none yet
         self.value_bits = value_bits  # None: full-precision values; else per-token KIVI codes (kv.quantizer)
         self.value_group = value_group
         self._vq: dict[str, torch.Tensor] = {}  # packed / scale / zero, (B, n_kv, cap, ·)
@@ -98,12 +104,43 @@ class SALSLayer(CacheLayerMixin):
     def keys_view(self) -> torch.Tensor | None:
         return None if self._keys is None else self._keys[:, :, : self.length]
 
+    def exact_view(self) -> ExactKeys | None:
+        if self._exact is None:
+            return None
+        return ExactKeys(self._exact, self._sink_slot, self.exact_recent, self.length)
+
+    def _store_exact(self, key_states: torch.Tensor, pos: torch.Tensor, before: int) -> None:
+        """Keep the exact keys of sink positions (the last slot holding each wins: left padding comes first) and
+        of the newest slots in the ring."""
+        b, hkv, t, d = key_states.shape
+        sinks, recent = self.exact_sink, self.exact_recent
+        dev = key_states.device
+        if self._exact is None:
+            self._exact = key_states.new_zeros(b, hkv, sinks + recent, d)
+            self._sink_slot = torch.full((b, sinks), -1, dtype=torch.long, device=dev)
+        if sinks:
+            hit = pos[:, :, None] == torch.arange(sinks, device=dev)[None, None]  # (B, T, S)
+            last = torch.where(hit, torch.arange(1, t + 1, device=dev)[None, :, None], 0).amax(1) - 1  # (B, S)
+            has = last >= 0
+            got = key_states.gather(2, last.clamp(min=0)[:, None, :, None].expand(b, hkv, sinks, d))
+            self._exact[:, :, :sinks] = torch.where(has[:, None, :, None], got, self._exact[:, :, :sinks])
+            self._sink_slot = torch.where(has, before + last, self._sink_slot)
+        if recent:
+            m = min(t, recent)
+            rows = sinks + torch.arange(before + t - m, before + t, device=dev) % recent
+            self._exact[:, :, rows] = key_states[:, :, t - m:]
+
     def rebuild_keys(self) -> torch.Tensor:
         """Every cached key, rebuilt from the latent and rotated at its position: (B, n_kv, L, d)."""
         z = self.latent_view()
         k_pre = torch.einsum("blr,hdr->bhld", z, self.proj)
         cos, sin = self.rope_table.at(self.positions_view(), self.layer_idx, k_pre.dtype)
-        return rope(k_pre, cos[:, None], sin[:, None])
+        keys = rope(k_pre, cos[:, None], sin[:, None])
+        exact = self.exact_view()
+        if exact is not None:
+            b, hkv, n, _ = keys.shape
+            keys = exact.apply(keys, torch.arange(n, device=keys.device).expand(b, hkv, n))
+        return keys
 
     def nbytes(self) -> int:
         """Bytes held for the cached tokens (the buffers' spare capacity is not counted)."""
@@ -119,7 +156,8 @@ class SALSLayer(CacheLayerMixin):
         per += self._positions.element_size()
         if self._keys is not None:
             per += self._keys.shape[1] * self._keys.shape[-1] * self._keys.element_size()
-        return b * n * per
+        fixed = 0 if self._exact is None else self._exact.nbytes + self._sink_slot.nbytes  # constant in length
+        return b * n * per + fixed
 
     # --- the transformers cache-layer contract ---------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -155,6 +193,8 @@ class SALSLayer(CacheLayerMixin):
         self._positions[:, before:before + t] = pos.to(torch.int32)
         if self._keys is not None:
             self._keys[:, :, before:before + t] = key_states
+        if self.exact_sink or self.exact_recent:
+            self._store_exact(key_states, pos, before)
         self.length = before + t
         self.max_pos = max(self.max_pos, int(pos.max()))
         if t == 1:  # the SALS handler reads the layer itself; dense attention on these fails loudly
@@ -177,7 +217,7 @@ class SALSLayer(CacheLayerMixin):
         self.length = 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in ("_latent", "_values", "_keys", "_positions"):
+        for name in ("_latent", "_values", "_keys", "_positions", "_exact", "_sink_slot"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices])
@@ -217,7 +257,7 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
                               "Run SALS with a plain DynamicCache (values quantization is not combined yet)")
         dtype = adapter.embed_tokens.weight.dtype
         new = SALSLayer(projections.proj(i, ranks[i][0], dtype), rope_table, i, cfg.mode, cfg.value_bits,
-                        cfg.value_group)
+                        cfg.value_group, exact_sink=cfg.exact_sink, exact_recent=cfg.exact_recent)
         if old.is_initialized and old.keys is not None and old.keys.numel():
             length = old.keys.shape[-2]
             pos = torch.arange(length, device=old.keys.device)[None]

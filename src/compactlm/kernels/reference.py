@@ -42,8 +42,8 @@ def masked_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torc
 def sals_decode_reference(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, latent: torch.Tensor,
                           values: torch.Tensor, positions: torch.Tensor, proj: torch.Tensor, r_star: int,
                           cos_table: torch.Tensor, sin_table: torch.Tensor, params: SelectParams, scaling: float,
-                          valid: torch.Tensor | None = None, keys: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          valid: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                          exact=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`compactlm.kernels.sparse_decode.sals_decode`, computed the slow way."""
     b, h, _, d = q.shape
     hkv = values.shape[1]
@@ -66,4 +66,13 @@ def sals_decode_reference(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Ten
         cos = cos_table[positions][:, None].double()
         sin = sin_table[positions][:, None].double()
         keys = rope_reference(k_pre, cos, sin)
+        if exact is not None:  # slots whose exact keys the cache keeps: sinks by slot, the last R by ring row
+            sinks = exact.sink_slot.shape[-1]
+            for row in range(b):
+                for j in range(sinks):
+                    slot = int(exact.sink_slot[row, j])
+                    if slot >= 0:
+                        keys[row, :, slot] = exact.keys[row, :, j].double()
+                for slot in range(max(0, length - exact.recent), length):
+                    keys[row, :, slot] = exact.keys[row, :, sinks + slot % exact.recent].double()
     return masked_attention_reference(q, keys.to(q.dtype), values, keep, scaling), idx

@@ -124,6 +124,38 @@ class PackedValues:
 
 
 @dataclass(frozen=True)
+class ExactKeys:
+    """Exact post-RoPE keys a compressed SALS cache keeps for a few slots, to replace their latent rebuild.
+
+    ``keys`` (B, H_kv, S + R, D): rows 0..S-1 are the sink tokens, whose slots are ``sink_slot`` (B, S) (-1 where
+    a row has no such token yet); rows S + (slot mod R) are a ring holding the last R slots of a cache of
+    ``length`` slots. Memory is constant in the context length.
+    """
+
+    keys: torch.Tensor
+    sink_slot: torch.Tensor
+    recent: int
+    length: int
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Row of ``keys`` holding each chosen slot of idx (B, H_kv, n), or -1 where only the latent has it."""
+        sinks = self.sink_slot.shape[-1]
+        rows = torch.full_like(idx, -1)
+        if self.recent:
+            rows = torch.where(idx >= self.length - self.recent, sinks + idx % self.recent, rows)
+        if sinks:
+            eq = idx[..., None] == self.sink_slot[:, None, None, :]  # (B, H_kv, n, S): S is small
+            rows = torch.where(eq.any(-1), eq.to(torch.int32).argmax(-1), rows)
+        return rows
+
+    def apply(self, k_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """k_sel (B, H_kv, n, D) rebuilt keys of slots idx, with the exactly kept ones swapped in."""
+        rows = self.rows(idx)
+        exact = gather_heads(self.keys, rows.clamp(min=0))
+        return torch.where((rows >= 0)[..., None], exact.to(k_sel.dtype), k_sel)
+
+
+@dataclass(frozen=True)
 class SelectParams:
     """How one decode step chooses tokens (a view of the method config, resolved to counts)."""
 
@@ -176,13 +208,15 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
                 values: torch.Tensor | PackedValues, positions: torch.Tensor, proj: torch.Tensor, r_star: int,
                 cos_table: torch.Tensor, sin_table: torch.Tensor, params: SelectParams, scaling: float,
                 valid: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                buffers: DecodeBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                buffers: DecodeBuffers | None = None, exact: ExactKeys | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SALS decode step for one layer -> (out (B, 1, H, D), chosen slots (B, H_kv, n)).
 
     q (B, H, 1, D) post-RoPE query and its q_cos/q_sin (B, 1, D); latent (B, L, r) joint latent keys;
     values (B, H_kv, L, D) or :class:`PackedValues`; positions (B, L) RoPE positions of the slots;
     proj (H_kv, D, r) the joint projection split per KV head; cos/sin_table (P, D) RoPE rows by position;
-    ``keys`` (B, H_kv, L, D) post-RoPE keys in ``index`` mode (then nothing is rebuilt).
+    ``keys`` (B, H_kv, L, D) post-RoPE keys in ``index`` mode (then nothing is rebuilt); ``exact``: keys kept
+    exactly for sink and recent slots in ``compressed`` mode, used instead of their rebuild.
     """
     b, h, _, d = q.shape
     hkv = proj.shape[0]
@@ -206,6 +240,8 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
         cos = cos_table.index_select(0, pos).view(b, hkv, n, d)
         sin = sin_table.index_select(0, pos).view(b, hkv, n, d)
         k_sel = rope(k_pre, cos, sin)
+        if exact is not None:
+            k_sel = exact.apply(k_sel, idx)
     if isinstance(values, PackedValues):
         v_sel = values.gather(idx, q.dtype, buffers)
     else:
