@@ -5,6 +5,9 @@ calibration wall time and peak RSS ≤ 1.0× theirs, measured in the same run.
 
     .venv/bin/python benchmarks/llmc_side_by_side.py --bits 4,3 --threads 1 \
         --json benchmarks/results/quant/llmc_side_by_side.json
+    # plus, at W4 only, our GPTQ with llm-compressor's calibration structure (one pass per layer, batch 1):
+    .venv/bin/python benchmarks/llmc_side_by_side.py --bits 4 --threads 1 \
+        --variant 'llmc_structure:true_sequential=false,batch_size=1' --variant-bits 4 --json ...
 
 How it stays fair:
 - The same token ids: this driver draws CALIB-pg-512-q (``calibration_set(tok, "essays", nsamples=32,
@@ -18,6 +21,15 @@ How it stays fair:
   harness is checked first: each side's base-model PPL on the windows must agree, else the run stops.
 - Settings: g64 asymmetric W4 / W3 / W2; GPTQ block 128, damping 0.01, static act-order on both sides
   (llm-compressor's defaults, and ours). lm_head (tied to the embedding) stays full precision on both.
+- What still differs by default: ours is true-sequential (q/k/v, then o, then gate/up, then down, each
+  group calibrated on the outputs of the already-quantized groups before it) with 8 sequences per forward;
+  llm-compressor's sequential pipeline collects every linear's Hessian of a layer in one pass, one sequence
+  per forward. ``--variant NAME:field=value,...`` runs extra compactlm rows with config overrides (e.g.
+  ``true_sequential=false,batch_size=1``) so that this difference is measured, not guessed.
+- Peak RSS includes what each process imports: compactlm's venv has ``hqq`` (a compactlm dependency), which
+  transformers' ``cache_utils`` imports, pulling in torch's dynamo/inductor and Triton; llm-compressor's venv
+  does not. Each side's RSS just before quantizing is recorded (``rss_before_mib``), and the row also gives
+  the growth during quantization (``peak_rss_mib - rss_before_mib``).
 
 Rows are appended to the JSON as soon as each setting finishes; an existing JSON with the same protocol
 keeps its other settings' rows (so W2 can be added by a later run with ``--bits 2``).
@@ -26,6 +38,7 @@ keeps its other settings' rows (so W2 can be added by a later run with ``--bits 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -37,6 +50,7 @@ from pathlib import Path
 import torch
 
 LLMC_PYTHON = "/work/venvs/llmc/bin/python"
+RATIO_KEYS = ("ppl", "quantize_seconds", "quantize_cpu_seconds", "peak_rss_mib")
 HERE = Path(__file__).resolve().parent
 
 
@@ -58,13 +72,15 @@ def ours_worker(args: argparse.Namespace) -> int:
     out: dict = {"tool": "compactlm", "threads": torch.get_num_threads(), "python": sys.executable,
                  "rss_method": "VmHWM"}
     if not args.base:
-        cfg = GPTQ(bits=int(args.bits), group_size=args.group_size)
+        overrides = json.loads(args.overrides) if args.overrides else {}
+        cfg = GPTQ(bits=int(args.bits), group_size=args.group_size, **overrides)
         out["config"] = cfg.to_dict()
         out["rss_before_mib"] = rss_mib()
         compactlm.utils.set_quiet(True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         compactlm.quantize(model, cfg, calib=calib)
         out["quantize_seconds"] = time.perf_counter() - start
+        out["quantize_cpu_seconds"] = time.process_time() - cpu_start  # what the load on a shared CPU moves less
         out["peak_rss_mib"] = peak_rss_mib()  # before evaluation, whose logits would add to the peak
     start = time.perf_counter()
     out.update(_perplexity(model, windows), eval_seconds=time.perf_counter() - start)
@@ -92,8 +108,34 @@ def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
     result = json.loads(out.read_text())
     result["process_seconds"] = time.perf_counter() - start
     print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
-        f"{k} {result[k]:.3f}" for k in ("ppl", "quantize_seconds", "peak_rss_mib") if k in result), flush=True)
+        f"{k} {result[k]:.3f}" for k in RATIO_KEYS if k in result), flush=True)
     return result
+
+
+def _parse_variant(text: str) -> tuple[str, dict]:
+    """'name:field=value,field=value' -> (name, {field: value}); values are JSON (true/false/numbers)."""
+    from compactlm.errors import ConfigError
+
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body:
+        raise ConfigError(f"--variant takes NAME:FIELD=VALUE[,FIELD=VALUE...], got {text!r}")
+    overrides = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--variant {text!r}: {item!r} is not FIELD=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    from compactlm.quant import GPTQ
+
+    fields = {f.name for f in dataclasses.fields(GPTQ)} - {"bits", "group_size"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"--variant {text!r}: unknown GPTQ field(s) {unknown}; choose from {sorted(fields)}")
+    GPTQ(**overrides)  # a bad value fails here (ConfigError), before anything runs
+    return name, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,12 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-base-check", action="store_true", help="reuse the base check of an existing JSON")
     p.add_argument("--json", help="result JSON (required)")
     p.add_argument("--note", default="", help="machine note recorded with the result (what else was running)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
+                   help="an extra compactlm row with GPTQ config overrides, e.g. "
+                        "'llmc_structure:true_sequential=false,batch_size=1' (repeatable)")
+    p.add_argument("--variant-bits", default="", help="bit widths at which to run the variants (default: all)")
     # internal: this script's own subprocess for the compactlm side
     p.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--base", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ours_worker:
         return ours_worker(args)
@@ -127,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from compactlm.utils import machine_info, write_json_atomic
 
     bits = [int(b) for b in args.bits.split(",")]
+    variants = dict(_parse_variant(v) for v in args.variant)
+    variant_bits = [int(b) for b in args.variant_bits.split(",")] if args.variant_bits else bits
     for b in bits:
         if b not in (2, 3, 4, 8):
             raise ConfigError(f"--bits takes 2, 3, 4 or 8 (comma-separated), got {b}")
@@ -188,10 +237,20 @@ def main(argv: list[str] | None = None) -> int:
                         tmpdir / f"o{b}.log", f"compactlm GPTQ W{b} g{args.group_size}")
             row = {"bits": b, "group_size": args.group_size, "llmc": theirs, "ours": ours,
                    "ratio_ours_over_llmc": {k: ours[k] / theirs[k]
-                                            for k in ("ppl", "quantize_seconds", "peak_rss_mib")},
+                                            for k in RATIO_KEYS},
+                   "rss_growth_mib": {"llmc": theirs["peak_rss_mib"] - theirs["rss_before_mib"],
+                                      "ours": ours["peak_rss_mib"] - ours["rss_before_mib"]},
                    "targets": {"ppl_at_least_as_good": ours["ppl"] <= theirs["ppl"],
                                "time_le_1x": ours["quantize_seconds"] <= theirs["quantize_seconds"],
+                               "cpu_time_le_1x": ours["quantize_cpu_seconds"] <= theirs["quantize_cpu_seconds"],
                                "rss_le_1x": ours["peak_rss_mib"] <= theirs["peak_rss_mib"]}}
+            for name, overrides in variants.items() if b in variant_bits else ():
+                out = tmpdir / f"o{b}-{name}.json"
+                v = _run([*ours_cmd, *setting, "--overrides", json.dumps(overrides), "--out", str(out)], out,
+                         tmpdir / f"o{b}-{name}.log", f"compactlm GPTQ W{b} g{args.group_size} [{name}]")
+                row.setdefault("ours_variants", {})[name] = {
+                    **v, "overrides": overrides,
+                    "ratio_over_llmc": {k: v[k] / theirs[k] for k in RATIO_KEYS}}
             result["rows"] = sorted([*result["rows"], row], key=lambda r: -r["bits"])
             write_json_atomic(path, result)
             r = row["ratio_ours_over_llmc"]

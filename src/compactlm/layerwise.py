@@ -34,6 +34,31 @@ class _StopForward(Exception):
     pass
 
 
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Why: a calibration allocates and frees tens-of-MiB activations thousands of times, interleaved with
+    the small tensors that stay (packed weights, Hessians, records). glibc serves these from its heap once
+    its mmap threshold has adapted upwards, and the freed space between survivors is not returned to the
+    OS, so the resident set creeps up layer after layer (measured on the default model at GPTQ W4: about
+    300 MiB more peak RSS without it). Called once per layer, it costs milliseconds.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _to(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -74,6 +99,16 @@ class LayerContext:
                 outs.append(y.to("cpu"))
         return outs
 
+    @torch.no_grad()
+    def forward_in_place(self) -> None:
+        """Replace each calibration batch by its output, one batch at a time.
+
+        Same values as :meth:`forward_all`, but the layer's inputs and outputs are never all held at once
+        (each input is dropped as soon as its output exists): one full set of activations less at the peak.
+        """
+        for j, x in enumerate(self.inputs):
+            self.inputs[j] = self.run(x.to(self.device)).to("cpu")
+
 
 class CalibratedMethod(Protocol):
     """What a calibrated method plugs into :func:`run`."""
@@ -89,6 +124,10 @@ class CalibratedMethod(Protocol):
 
     def refine_layer(self, ctx: LayerContext, targets: dict[str, nn.Linear],
                      reference_outputs: list[torch.Tensor] | None) -> dict[str, Any] | None: ...
+
+    # Optional: ``finish_layer(ctx)``, called once a layer is done (its outputs computed, the layer back on its
+    # home device, its checkpoint saved): GPTQ packs the layer's linears there, so the codes of finished layers
+    # are not all held until the end of the run.
 
 
 @dataclass
@@ -122,11 +161,18 @@ def capture_inputs(model: nn.Module, adapter: Adapter, calib: torch.Tensor, batc
             per_layer_kwargs[i] = {k: v for k, v in kwargs.items() if k not in skip}
         return hook
 
+    def stop_before_head(_module, _args):
+        raise _StopForward
+
     # One sample through the whole model, where it lives, records every layer's kwargs (they differ per layer
     # type, e.g. Gemma 3's local/global RoPE and sliding masks); batch-size-1 tensors broadcast over any batch.
+    # It stops at the final norm: the (T, vocab) logits would be the largest tensor of the whole calibration.
     handles = [layer.register_forward_pre_hook(probe(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(adapter.final_norm.register_forward_pre_hook(stop_before_head))
     try:
         model(input_ids=calib[:1].to(adapter.embed_tokens.weight.device), use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -212,11 +258,16 @@ def run(
             extra = method.refine_layer(ctx, targets, reference)
             if extra:
                 report.layer_records.append({"layer": i, **extra})
-            inputs = ctx.forward_all()
+            ctx.forward_in_place()  # ctx.inputs is `inputs`: it now holds the next layer's inputs
             layer.to(home)
             if ckpt is not None:
                 ckpt.save(i, layer, ctx.prefix, method, report.records[n_records:],
                           report.layer_records[n_layer_records:], inputs, last=i == adapter.num_layers - 1)
+            finish = getattr(method, "finish_layer", None)
+            if finish is not None:
+                finish(ctx)
+            del ctx, reference
+            release_free_memory()
     finally:
         model.train(was_training)
     return report

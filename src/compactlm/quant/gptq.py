@@ -137,6 +137,9 @@ class GPTQRun:
         self.true_sequential = cfg.true_sequential
         self.bits_for = bits_for or {}
         self.results: dict[str, tuple[GPTQResult, QuantSpec]] = {}
+        # (model, targets) once run_and_pack asks for packing layer by layer; a tuple, not a dict, so that the
+        # layer checkpoints (which save dict entries keyed by module name) never pick up the modules.
+        self.pack_target: tuple[nn.Module, dict[str, nn.Linear]] | None = None
 
     def new_stats(self, name: str, module: nn.Linear) -> Any:
         return HessianAccumulator(module.in_features, device=module.weight.device)
@@ -165,6 +168,20 @@ class GPTQRun:
     def refine_layer(self, ctx, targets, reference_outputs) -> None:
         return None
 
+    def finish_layer(self, ctx: LayerContext) -> None:
+        """Pack this layer's linears now that the driver is done with it (its outputs are computed).
+
+        Packing as each layer finishes, instead of after the whole run, means the uint8 codes of the finished
+        layers are never all held at once (≈ one byte per weight, 106 MiB on the default model); the packed
+        modules are bit-identical either way (same codes, scales and zeros).
+        """
+        if self.pack_target is None:
+            return
+        model, targets = self.pack_target
+        for name in [n for n in self.results if n.startswith(ctx.prefix + ".")]:
+            res, spec = self.results.pop(name)
+            pack_into(model, name, targets[name], res.codes, res.scale, res.zero, spec)
+
 
 def solve_rows(weight: torch.Tensor, H: torch.Tensor | list[torch.Tensor], spec: QuantSpec, cfg: GPTQ,
                keep_zero: torch.Tensor | None, name: str) -> GPTQResult:
@@ -184,10 +201,16 @@ def solve_rows(weight: torch.Tensor, H: torch.Tensor | list[torch.Tensor], spec:
 
 def run_and_pack(model: nn.Module, cfg: GPTQ, runner: GPTQRun, targets: dict[str, nn.Linear], calib,
                  report: dict | None, desc: str, device=None) -> nn.Module:
-    lw = layerwise_run(model, calib, runner, device=device, batch_size=cfg.batch_size,
-                       filter_fn=layer_filter(targets), desc=desc)
+    runner.pack_target = (model, targets)  # each layer is packed as soon as it is done (finish_layer)
+    try:
+        lw = layerwise_run(model, calib, runner, device=device, batch_size=cfg.batch_size,
+                           filter_fn=layer_filter(targets), desc=desc)
+    finally:
+        runner.pack_target = None
+    # Layers restored from a checkpoint by a resumed run come back dense with their results: pack them here.
     for name, (res, spec) in runner.results.items():
         pack_into(model, name, targets[name], res.codes, res.scale, res.zero, spec)
+    runner.results.clear()
     if report is not None:
         report.setdefault("layers", []).extend(lw.records)
     return model
