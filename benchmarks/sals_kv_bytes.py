@@ -2,7 +2,9 @@
 
 Prefills one 1,024-token PPL-wiki window densely, converts copies of that cache the way the runners do
 (``make_cache``) and counts the bytes every layer holds per token (dense layers 0, 1, 29 stay full).
-Also records the key energy the calibrated projections keep per layer at r = 25 % and 12.5 %.
+Also records the key energy the calibrated projections keep per layer at r = 25 % and 12.5 %, and each SALS
+row's per-layer latent ranks (energy ranks differ by layer). Exact sink/recent keys are a constant per layer,
+so their share per token shrinks with the context (1,024 tokens here).
 
     .venv/bin/python benchmarks/sals_kv_bytes.py --dtype bf16 --json benchmarks/results/sals_kv_bytes.json
 """
@@ -31,6 +33,10 @@ CONFIGS = {
     "sals-25% compressed, values int4": SALSConfig(rank=0.25, value_bits=4),
     "sals-12.5% compressed, values int4": SALSConfig(rank=0.125, value_bits=4),
     "sals-25% index": SALSConfig(rank=0.25, mode="index"),
+    "sals-50% compressed": SALSConfig(rank=0.5),
+    "sals energy:0.99 compressed": SALSConfig(rank="energy:0.99"),
+    "sals energy:0.999 budget 50% compressed": SALSConfig(rank="energy:0.999", rank_budget=0.5),
+    "sals-25% compressed, exact sink 16 + recent 64 keys": SALSConfig(rank=0.25, exact_sink=16, exact_recent=64),
 }
 
 
@@ -49,8 +55,11 @@ def main() -> None:
     for name, cfg in CONFIGS.items():
         cache = sals_method(model, cfg, name).make_cache(model, copy.deepcopy(dense))
         b = kv_bytes_per_token(cache)
-        rows.append({"cache": name, "bytes_per_token": b, "vs_full": b / full})
-    print_table(rows)
+        ranks = cfg.layer_ranks(proj, len(cache.layers))
+        mean_rank = sum(r for r, _ in ranks.values()) / len(ranks)
+        rows.append({"cache": name, "bytes_per_token": b, "vs_full": b / full, "mean_rank": mean_rank,
+                     "ranks": {str(i): r for i, (r, _) in ranks.items()}})
+    print_table([{k: v for k, v in row.items() if k != "ranks"} for row in rows])
     width = proj.width
     energy = [{"layer": i, "r25": proj.energy(i, width // 4), "r12.5": proj.energy(i, width // 8)}
               for i in range(proj.eigvecs.shape[0])]
