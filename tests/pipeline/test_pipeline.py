@@ -91,3 +91,23 @@ def test_hybrid_cache_is_smaller_and_decodes_close_to_dense():
             got = model(ids[:, -1:], cache=cache, use_cache=True).logits
     # full rank, keep everything, 8-bit KV on the dense layers: close to the dense decode
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.default_model
+def test_report_measures_every_figure_on_the_default_model(tmp_path):
+    """The report path that needs a tokenizer (PPL, RULER-syn on bf16 copies, KV bytes, speed) end to end, small."""
+    recipe = parse_recipe(yaml.safe_dump({
+        "name": "smoke-rtn4+kv4", "steps": [{"type": "rtn", "bits": 4, "group_size": 64},
+                                           {"type": "kv", "bits": 4, "group_size": 32, "residual": 32}],
+        "evaluate": {"ppl_windows": 2, "ruler_lengths": [256], "ruler_samples": 1, "ruler_tasks": ["passkey"],
+                     "speed_prefill": 128, "speed_decode": 4}}))
+    report = compress_to_folder("smollm2-135m", recipe, tmp_path / "out", log=lambda _m: None)
+    ev = report["evaluation"]
+    assert ev["ppl"]["base"] < ev["ppl"]["compressed"] < 10 * ev["ppl"]["base"]
+    assert ev["ruler"]["dtype"] == "bf16" and set(ev["ruler"]["methods"]) == {"base", "weights_only", "compressed"}
+    assert all(0 <= m["score"] <= 100 for m in ev["ruler"]["methods"].values())
+    speed = ev["speed"]
+    # 96 of the 128 prefilled tokens are stored in 4 bits (the last 32 stay in bf16): well under 0.6x of bf16's bytes
+    assert speed["compressed"]["kv_bytes_per_token"] < 0.6 * speed["base"]["kv_bytes_per_token"]
+    assert all(speed[k]["decode_tok_s"] > 0 for k in ("base", "weights_only", "compressed"))
+    assert (tmp_path / "out" / "report.html").is_file()

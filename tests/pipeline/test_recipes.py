@@ -61,6 +61,8 @@ def test_recipe_level_errors():
         parse_recipe(_recipe({"type": "rtn"}, evaluate={"pplwindows": 3}))
     with pytest.raises(ConfigError, match="evaluate.speed_dtype must be bf16, fp16 or fp32, got 'int8'"):
         parse_recipe(_recipe({"type": "rtn"}, evaluate={"speed_dtype": "int8"}))
+    with pytest.raises(ConfigError, match="evaluate.ruler_dtype must be bf16, fp16 or fp32, got 'fp64'"):
+        parse_recipe(_recipe({"type": "rtn"}, evaluate={"ruler_dtype": "fp64"}))
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_recipe("steps: [")
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):

@@ -3,7 +3,8 @@
 - quality: PPL-wiki-512 (``ppl_windows`` windows; 40 = PPL-wiki-512-q) of the base and compressed weights
   (a 512-token full forward: the decode-time KV/attention steps do not act there, see RULER-syn);
 - RULER-syn at the recipe's lengths: base model (full attention, full cache), compressed weights with a full
-  cache, and compressed weights with the recipe's KV cache and attention (the whole recipe);
+  cache, and compressed weights with the recipe's KV cache and attention (the whole recipe), on copies of
+  both models cast to ``ruler_dtype`` (bf16 by default);
 - memory: weight bytes (parameters + buffers, packed codes and scales included) and KV-cache bytes per token
   after a ``speed_prefill``-token prefill of the wiki text;
 - speed: prefill tokens/s and greedy decode tokens/s (``speed_decode`` tokens), one run each, same process,
@@ -93,21 +94,6 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
         b = perplexity(base, tokenizer, windows=ev.ppl_windows)
         c = perplexity(model, tokenizer, windows=ev.ppl_windows)
         out["ppl"] = {"protocol": b.protocol, "tokens": b.tokens, "base": b.ppl, "compressed": c.ppl}
-    if ev.ruler_lengths and ev.ruler_samples and tokenizer is not None:
-        from ..evaluation.ruler import run_ruler
-
-        log(f"RULER-syn lengths {list(ev.ruler_lengths)}, {ev.ruler_samples} samples x {list(ev.ruler_tasks)}")
-        rb = run_ruler(base, tokenizer, [], lengths=list(ev.ruler_lengths), samples=ev.ruler_samples,
-                       tasks=ev.ruler_tasks)
-        rc = run_ruler(model, tokenizer, [] if method is FULL else [method], lengths=list(ev.ruler_lengths),
-                       samples=ev.ruler_samples, tasks=ev.ruler_tasks)
-        rows = {"base": rb.methods["full"], "weights_only": rc.methods["full"]}
-        if method is not FULL:
-            rows["compressed"] = rc.methods[method.name]
-        out["ruler"] = {"protocol": rb.protocol, "lengths": list(ev.ruler_lengths),
-                        "methods": {k: {"score": v["score"], "by_length": {n: d["score"] for n, d in
-                                                                           v["by_length"].items()}}
-                                    for k, v in rows.items()}}
     if ev.inspect_samples and tokenizer is not None:
         from ..inspector import InspectConfig, inspect
 
@@ -115,22 +101,48 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
         batches = eval_windows(tokenizer, "wiki", 512, ev.inspect_samples)
         rep = inspect(base, model, batches, InspectConfig(impact=False, attention_probs=False))
         out["inspector"] = [_inspector_row(op) for op in rep.top(10)]
-    if ev.speed and tokenizer is not None:
-        # Last, because the models are cast to the serving dtype for it (the quality figures above are in `dtype`).
-        from ..utils import parse_dtype
+    # RULER-syn and speed run last, on copies cast to their dtypes (the quality figures above are in `dtype`;
+    # the compressed model itself stays as it is: it is saved next). One cast pair is shared when the dtypes agree.
+    from ..utils import parse_dtype
 
-        sdt = parse_dtype(ev.speed_dtype)
+    casts: dict[str, tuple[nn.Module, nn.Module, RuntimeMethod]] = {}
+
+    def cast_pair(name: str, reference: nn.Module) -> tuple[nn.Module, nn.Module, RuntimeMethod]:
+        if name not in casts:
+            casts.clear()  # at most one pair alive at a time
+            dt = parse_dtype(name)
+            b = copy.deepcopy(reference).to(dt)
+            c = copy.deepcopy(model).to(dt)
+            casts[name] = (b, c, recipe_method(c, recipe, name=recipe.name))
+        return casts[name]
+
+    if ev.ruler_lengths and ev.ruler_samples and tokenizer is not None:
+        from ..evaluation.ruler import run_ruler
+
+        log(f"RULER-syn ({ev.ruler_dtype}) lengths {list(ev.ruler_lengths)}, {ev.ruler_samples} samples x "
+            f"{list(ev.ruler_tasks)}")
+        rbase, rmodel, rmethod = cast_pair(ev.ruler_dtype, base)
+        rb = run_ruler(rbase, tokenizer, [], lengths=list(ev.ruler_lengths), samples=ev.ruler_samples,
+                       tasks=ev.ruler_tasks)
+        rc = run_ruler(rmodel, tokenizer, [] if method is FULL else [rmethod], lengths=list(ev.ruler_lengths),
+                       samples=ev.ruler_samples, tasks=ev.ruler_tasks)
+        rows = {"base": rb.methods["full"], "weights_only": rc.methods["full"]}
+        if method is not FULL:
+            rows["compressed"] = rc.methods[rmethod.name]
+        out["ruler"] = {"protocol": rb.protocol, "lengths": list(ev.ruler_lengths), "dtype": ev.ruler_dtype,
+                        "methods": {k: {"score": v["score"], "by_length": {n: d["score"] for n, d in
+                                                                           v["by_length"].items()}}
+                                    for k, v in rows.items()}}
+    if ev.speed and tokenizer is not None:
         log(f"memory and speed ({ev.speed_dtype}): {ev.speed_prefill}-token prefill, {ev.speed_decode} greedy decode "
             "tokens")
         ids = eval_windows(tokenizer, "wiki", ev.speed_prefill + 1, 1)[:1]
-        base.to(sdt)  # a fresh load, dropped below
-        fast = copy.deepcopy(model).to(sdt)  # the compressed model itself stays as it is (it is saved next)
-        fast_method = recipe_method(fast, recipe, name=recipe.name)
+        sbase, fast, fast_method = cast_pair(ev.speed_dtype, base)
         out["speed"] = {"dtype": ev.speed_dtype,
-                        "base": memory_and_speed(base, FULL, ids, ev.speed_decode),
+                        "base": memory_and_speed(sbase, FULL, ids, ev.speed_decode),
                         "weights_only": memory_and_speed(fast, FULL, ids, ev.speed_decode),
                         "compressed": memory_and_speed(fast, fast_method, ids, ev.speed_decode),
                         "note": f"one run each, {ev.speed_dtype}, in this process"}
-        del fast
+    casts.clear()
     del base
     return out
