@@ -13,6 +13,10 @@ anyway, and RULER-syn prompts are seeded per (task, length, index).
         --kv int4,int2 --attn sals-25,quest --windows 5 --json benchmarks/results/longctx/ppl_decode_q.json
     python benchmarks/results/longctx/run_longctx.py ruler smollm2-135m --dtype bf16 --threads 1 \
         --kv int4,int2 --attn sals-25,quest,streaming --lengths 2k,4k --samples 5 --json ruler.json
+    # one PPL-decode-q run split over two processes, then added up:
+    python benchmarks/results/longctx/run_longctx.py ppl-decode ... --windows 3 --json a.json
+    python benchmarks/results/longctx/run_longctx.py ppl-decode ... --first-window 3 --windows 2 --json b.json
+    python benchmarks/results/longctx/run_longctx.py merge a.json,b.json --json merged.json
 """
 
 from __future__ import annotations
@@ -62,7 +66,10 @@ def run_ppl(args, model, tok, methods) -> None:
     from compactlm.evaluation.ppl_decode import protocol_name, run_ppl_decode
     from compactlm.utils import write_json_atomic
 
-    ids = eval_windows(tok, "wiki", seqlen=args.window_len, windows=args.windows)
+    # --first-window N: windows N..N+windows-1 of the protocol text, so one protocol run can be split over
+    # processes (window numbers in per_window stay the protocol's); `merge` adds the parts back up exactly.
+    ids = eval_windows(tok, "wiki", seqlen=args.window_len, windows=args.first_window + args.windows)
+    ids = ids[args.first_window:]
     totals: dict[str, list] = {}
     descriptions: dict[str, str] = {}
     per_window: list[dict] = []
@@ -70,7 +77,7 @@ def run_ppl(args, model, tok, methods) -> None:
     for w in range(ids.size(0)):
         t0 = time.perf_counter()
         r = run_ppl_decode(model, tok, methods, decoded=args.decoded, input_ids=ids[w: w + 1])
-        row = {"window": w, "seconds": time.perf_counter() - t0, "ppl": {}}
+        row = {"window": args.first_window + w, "seconds": time.perf_counter() - t0, "ppl": {}}
         for name, m in r.methods.items():
             acc = totals.setdefault(name, [0.0, 0, 0.0, 0])
             acc[0] += m["nll"] * m["tokens"]
@@ -83,7 +90,11 @@ def run_ppl(args, model, tok, methods) -> None:
         done = w + 1
         full_ppl = math.exp(totals["full"][0] / totals["full"][1])
         out = _header(args, protocol_name(done, args.window_len, args.decoded), started)
+        if args.first_window:
+            out["protocol"] = (f"part of a split run: windows {args.first_window}..{args.first_window + done - 1} "
+                               f"of the protocol text ({out['protocol']})")
         out.update({"complete": done == args.windows, "windows": done, "windows_planned": args.windows,
+                    "first_window": args.first_window,
                     "window_len": args.window_len, "decoded": args.decoded, "methods": {}, "per_window": per_window})
         for name, (nll, n, secs, steps) in totals.items():
             ppl = math.exp(nll / n)
@@ -93,6 +104,43 @@ def run_ppl(args, model, tok, methods) -> None:
         write_json_atomic(args.json, out)
         print(f"window {done}/{args.windows} ({row['seconds']:.0f} s): "
               + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in out["methods"].items()), flush=True)
+
+
+def merge_ppl(parts: list[str], out_path: str) -> None:
+    """Add split PPL-decode runs (same methods, disjoint windows) into one result: NLL summed over tokens."""
+    import json
+
+    from compactlm.evaluation.ppl_decode import protocol_name
+    from compactlm.utils import write_json_atomic
+
+    runs = [json.load(open(p)) for p in parts]
+    windows = sorted(w["window"] for r in runs for w in r["per_window"])
+    if len(set(windows)) != len(windows) or windows != list(range(len(windows))):
+        raise SystemExit(f"merge: the parts must cover windows 0..N-1 once each, got {windows}")
+    names = [set(r["methods"]) for r in runs]
+    if any(n != names[0] for n in names):
+        raise SystemExit(f"merge: the parts ran different methods: {names}")
+    first = runs[0]
+    methods = {}
+    for name in first["methods"]:
+        nll = sum(r["methods"][name]["nll"] * r["methods"][name]["tokens"] for r in runs)
+        tokens = sum(r["methods"][name]["tokens"] for r in runs)
+        secs = sum((r["decoded"] - 1) * r["windows"] / r["methods"][name]["decode_tok_per_s"] for r in runs)
+        methods[name] = {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
+                         "decode_tok_per_s": (first["decoded"] - 1) * len(windows) / secs,
+                         "description": first["methods"][name]["description"]}
+    full = methods["full"]["ppl"]
+    for m in methods.values():
+        m.update({"vs_full": m["ppl"] / full, "delta_pct": 100 * (m["ppl"] / full - 1)})
+    out = {k: first[k] for k in ("model", "dtype", "machine", "window_len", "decoded")}
+    out.update({"protocol": protocol_name(len(windows), first["window_len"], first["decoded"]),
+                "complete": all(r["complete"] for r in runs), "windows": len(windows),
+                "merged_from": [{"path": p, "command": r["command"], "seconds": r["seconds"],
+                                 "machine": r["machine"]} for p, r in zip(parts, runs, strict=True)],
+                "command": shlex.join(["python", *sys.argv]), "methods": methods,
+                "per_window": sorted((w for r in runs for w in r["per_window"]), key=lambda w: w["window"])})
+    write_json_atomic(out_path, out)
+    print(", ".join(f"{k} {v['ppl']:.3f}" for k, v in methods.items()))
 
 
 def run_ruler_chunks(args, model, tok, methods) -> None:
@@ -153,14 +201,15 @@ def _aggregate(records: list[dict], descriptions: dict[str, str], done: list[tup
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("protocol", choices=["ppl-decode", "ruler"])
-    p.add_argument("model")
+    p.add_argument("protocol", choices=["ppl-decode", "ruler", "merge"])
+    p.add_argument("model", help="model spec; for `merge`: comma-separated JSON parts of one split PPL-decode run")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--kv", default=None)
     p.add_argument("--attn", default=None)
     p.add_argument("--json", required=True)
     p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--first-window", type=int, default=0)
     p.add_argument("--window-len", type=int, default=4096)
     p.add_argument("--decoded", type=int, default=256)
     p.add_argument("--lengths", default="2k,4k")
@@ -169,6 +218,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args()
+    if args.protocol == "merge":
+        merge_ppl(args.model.split(","), args.json)
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
