@@ -11,6 +11,7 @@ Each method runs in its own process so that peak RSS is the method's own.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -48,6 +49,8 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="quick")
+    p.add_argument("--note", default="2 cores shared with the lead engineer's quantization benchmarks and another "
+                   "engineer's jobs (loaded); see load_average")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -57,6 +60,7 @@ def main() -> int:
     from compactlm.utils import machine_info, peak_rss_mib, set_quiet, write_json_atomic
 
     set_quiet(True)
+    load_start = os.getloadavg()
     model, tok = compactlm.models.load(args.model, dtype="fp32")
     setting = args.pattern or f"{round(100 * (args.sparsity if args.sparsity is not None else 0.5))}pct"
     method = args.method if args.method != "barber" else f"barber-{args.init}"
@@ -80,7 +84,8 @@ def main() -> int:
     record.update(ppl=result.ppl, protocol=result.protocol, tokens=result.tokens,
                   eval_seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib(),
                   command="python " + " ".join(shlex.quote(a) for a in sys.argv),
-                  machine={**machine_info("fp32"), "note": "2 cores shared with 5 other engineers' jobs (loaded)"})
+                  machine={**machine_info("fp32"), "note": args.note},
+                  load_average={"start": load_start, "end": os.getloadavg()})
     out = ROOT / "results" / "prune" / args.tag / f"{setting.replace(':', 'of')}_{method}.json"
     write_json_atomic(out, record)
     print(f"{setting} {method}: {result.protocol} {result.ppl:.3f}  prune {record.get('prune_seconds', 0):.0f} s  "

@@ -21,7 +21,9 @@ def register(groups) -> None:
                    help="comparison group of unstructured sparsity (default row, as Wanda)")
     p.add_argument("--init", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
                    help="barber only: the initial mask (default wanda)")
-    p.add_argument("--rebuild-ratio", type=float, default=0.01, help="barber only: max fraction of swaps per group")
+    p.add_argument("--rebuild-ratio", type=float, default=0.01,
+                   help="barber only: fraction of each group's profitable swaps to make (paper code: 0.01 per row "
+                        "after Wanda, 0.1 per matrix/block after SparseGPT/magnitude)")
     p.add_argument("--group", default="row", choices=["row", "layer", "block"], help="barber only: swap group")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="never prune linears whose full name matches (repeatable)")

@@ -1,16 +1,28 @@
 """LLM-Barber: rebuild a pruning mask block by block with a weight × gradient importance, no weight update.
 
 Based on Su et al., "LLM-Barber: Block-Aware Rebuilder for Sparsity Mask in One-Shot for Large Language
-Models" (arXiv 2408.10631), §3: starting from any initial mask (Wanda, SparseGPT, magnitude), for each
-decoder layer rebuild the mask of the self-attention block and then of the MLP block. Importance is
-S = |W| · sqrt(E[g²]) with g = ∂/∂W of the MSE between the sparse block's output and the dense block's
-output, both on the *sparse* model's inputs to the block (§3.2, so errors from earlier blocks count).
-Inside each comparison group (output row, matrix, or the whole block) the most important pruned weights
-swap with the least important kept ones while that improves the score, capped at ``rebuild_ratio`` of the
-group's weights (the reference code's ``threshold``, default 0.01), so sparsity never changes. For N:M,
-each swap stays inside its group of M inputs, so the pattern stays valid.
+Models" (arXiv 2408.10631), §3, checked against the authors' code (github.com/YupengSu/LLM-Barber,
+``lib/llama.py`` ``prune_barber`` / ``mask_rebuild`` and ``lib/blockgpt.py``). Starting from any initial mask
+(Wanda, SparseGPT, magnitude), for each decoder layer rebuild the mask of the self-attention block and then of
+the MLP block:
 
-A revived weight takes its dense value; a weight the initial method updated (SparseGPT) keeps its update.
+* §3.2 block-aware loss: the block's inputs are the *sparse* model's (errors of earlier blocks count); the
+  loss is the MSE between the dense block's output and the sparse block's output on those inputs. The
+  gradient g is taken with respect to the **dense** weights (the authors run a dense copy of the block
+  against the sparse block's output), one sequence at a time.
+* §3.3 importance S = |W_dense| · sqrt(E[g²]), E over calibration sequences.
+* §3.4 mask rebuild: inside each comparison group (output row, matrix, or the whole block) sort the pruned
+  weights by S descending and the kept ones ascending; the i-th pair is *profitable* when the i-th pruned
+  beats the i-th kept. Swap the first ``floor(rebuild_ratio · #profitable)`` pairs (the code's
+  ``threshold``; its defaults: 0.01 per output row after Wanda, 0.1 per matrix after SparseGPT, 0.1 per
+  block after magnitude). Sparsity never changes. For N:M every swap stays inside one group of M inputs:
+  each group's candidate is its best pruned against its worst kept weight, and the top
+  ``floor(rebuild_ratio · #profitable groups)`` candidates of the comparison group swap.
+
+No weight update (§3): a revived weight takes its dense value. Deliberate deviations, both recorded:
+a weight the initial method updated (SparseGPT's reconstruction) keeps its update, where the authors'
+default restores dense weights everywhere (their ``--retain_reconstruction`` keeps them, as here); and
+``guard`` keeps a block's initial mask when the rebuilt one has a larger block error on the calibration data.
 """
 
 from __future__ import annotations
@@ -36,12 +48,13 @@ class Barber(BaseConfig):
     """LLM-Barber on top of ``init`` (whose sparsity / pattern / targets it inherits). Fields:
 
     init: the initial pruning config (Wanda, SparseGPT or Magnitude), e.g. ``Wanda(sparsity=0.5)``.
-    rebuild_ratio: at most this fraction of each comparison group's weights swap (paper code: 0.01).
-    group: comparison group of a swap: ``"row"`` (output row), ``"layer"`` (matrix) or ``"block"``
-        (all linears of the attention or MLP block together; per-matrix sparsity may then move while
+    rebuild_ratio: fraction of each comparison group's *profitable* swaps that are made (§3.4; the reference
+        code's ``threshold``, default 0.01).
+    group: comparison group of a swap: ``"row"`` (output row; the code's ``output1``), ``"layer"`` (matrix) or
+        ``"block"`` (all linears of the attention or MLP block together; per-matrix sparsity may then move while
         the block's stays exact).
     guard: keep the initial mask of a block when the rebuilt one has a larger block error on the calibration
-        data (not in the paper; one extra forward per block; the report lists reverted blocks).
+        data (not in the paper; costs one block forward; the report lists reverted blocks).
     """
 
     init: PruneConfig = dataclasses.field(default_factory=Wanda)
@@ -53,9 +66,10 @@ class Barber(BaseConfig):
         if isinstance(self.init, Barber) or not isinstance(self.init, PruneConfig):
             raise ConfigError(f"Barber.init must be Wanda(...), SparseGPT(...) or Magnitude(...), got "
                               f"{type(self.init).__name__}")
-        if isinstance(self.rebuild_ratio, bool) or not 0.0 < float(self.rebuild_ratio) <= 0.5:
-            raise ConfigError(f"rebuild_ratio must be in (0, 0.5], e.g. 0.01 (1 % of a group may swap); "
-                              f"got {self.rebuild_ratio!r}")
+        if isinstance(self.rebuild_ratio, bool) or not isinstance(self.rebuild_ratio, int | float) \
+                or not 0.0 < float(self.rebuild_ratio) <= 1.0:
+            raise ConfigError(f"rebuild_ratio must be in (0, 1]: the fraction of the profitable swaps to make, e.g. "
+                              f"0.01 (the paper's code); got {self.rebuild_ratio!r}")
         if not isinstance(self.guard, bool):
             raise ConfigError(f"guard must be True or False, got {self.guard!r}")
         if self.group not in GROUPS:
@@ -84,20 +98,21 @@ class Barber(BaseConfig):
         return BarberRun(self)
 
 
-# --- the mask rebuild: pure tensor math ------------------------------------------------------------------------------
-def _swap_rows(keep: torch.Tensor, score: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """Unstructured swaps inside each row of (G, L) ``keep`` / ``score``: up to ``k`` pairs per row."""
-    k = min(k, keep.shape[1])
-    if k <= 0:
-        return keep, 0
-    best_pruned, ip = score.masked_fill(keep, float("-inf")).topk(k, dim=1)  # (G, k) descending
-    worst_kept, ik = score.masked_fill(~keep, float("inf")).topk(k, dim=1, largest=False)  # ascending
-    do = best_pruned > worst_kept  # the i-th best pruned beats the i-th worst kept: swapping gains
-    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(ip)
+# --- the mask rebuild (§3.4): pure tensor math ----------------------------------------------------------------------
+def _swap_rows(keep: torch.Tensor, score: torch.Tensor, ratio: float) -> tuple[torch.Tensor, int]:
+    """Unstructured swaps inside each row of (G, L) ``keep`` / ``score``: ``floor(ratio · #profitable)`` per row."""
+    pruned_s, pruned_i = score.masked_fill(keep, float("-inf")).sort(dim=1, descending=True)  # best pruned first
+    kept_s, kept_i = score.masked_fill(~keep, float("inf")).sort(dim=1)  # worst kept first
+    # Pair i (i-th best pruned vs i-th worst kept) gains when the pruned one scores higher; the gains fall with i,
+    # so the profitable pairs are a prefix. Padding (±inf) never counts: -inf - x and y - inf are -inf.
+    profitable = (pruned_s - kept_s > 0).sum(1)  # (G,)
+    k = torch.floor(profitable.double() * ratio).long()  # the code's int(recons_num * threshold)
+    take = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0) < k.unsqueeze(1)  # (G, L)
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(take)
     new = keep.clone()
-    new[rows[do], ip[do]] = True
-    new[rows[do], ik[do]] = False
-    return new, int(do.sum())
+    new[rows[take], pruned_i[take]] = True
+    new[rows[take], kept_i[take]] = False
+    return new, int(take.sum())
 
 
 def _nm_candidates(keep: torch.Tensor, score: torch.Tensor, m: int):
@@ -109,52 +124,48 @@ def _nm_candidates(keep: torch.Tensor, score: torch.Tensor, m: int):
     return best_pruned - worst_kept, ip, ik  # gain is -inf where a group has nothing to swap
 
 
+def _top_profitable(gain: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(G, L) bool: in each row, the ``floor(ratio · #positive)`` largest positive gains."""
+    order = gain.argsort(dim=1, descending=True)
+    k = torch.floor((gain > 0).sum(1).double() * ratio).long()
+    take = torch.arange(gain.shape[1], device=gain.device).unsqueeze(0) < k.unsqueeze(1)
+    return torch.zeros_like(gain, dtype=torch.bool).scatter_(1, order, take)
+
+
 def rebuild_masks(keeps: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], ratio: float, group: str,
                   nm: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Swap pruned/kept weights by importance ``scores`` inside each comparison group; sparsity is unchanged.
 
-    ``keeps`` and ``scores`` map names to (out, in) tensors; ``group`` is row | layer | block. With ``nm``
-    every swap stays inside one group of M inputs. Returns the new keep-masks and the number of swaps.
+    ``keeps`` and ``scores`` map names to (out, in) tensors; ``group`` is row | layer | block; ``ratio`` is the
+    fraction of each group's profitable swaps to make (§3.4). With ``nm`` every swap stays inside one group of
+    M inputs. Returns the new keep-masks and the number of swaps.
     """
     names = list(keeps)
     if nm is None:
         if group == "block":
             flat_k = torch.cat([keeps[n].reshape(1, -1) for n in names], 1)
             flat_s = torch.cat([scores[n].float().reshape(1, -1) for n in names], 1)
-            new, swaps = _swap_rows(flat_k, flat_s, int(round(ratio * flat_k.numel())))
+            new, swaps = _swap_rows(flat_k, flat_s, ratio)
             parts = new.split([keeps[n].numel() for n in names], 1)
             return {n: p.view_as(keeps[n]) for n, p in zip(names, parts, strict=True)}, swaps
         out, total = {}, 0
         for n in names:
             k2 = keeps[n] if group == "row" else keeps[n].reshape(1, -1)
-            new, swaps = _swap_rows(k2, scores[n].float().view_as(k2), int(round(ratio * k2.shape[1])))
+            new, swaps = _swap_rows(k2, scores[n].float().reshape(k2.shape), ratio)
             out[n], total = new.view_as(keeps[n]), total + swaps
         return out, total
     m = nm[1]
     cands = {n: _nm_candidates(keeps[n], scores[n].float(), m) for n in names}
-    do: dict[str, torch.Tensor] = {}
     if group == "block":
-        gains = torch.cat([cands[n][0].reshape(-1) for n in names])
-        k = min(int(round(ratio * sum(keeps[n].numel() for n in names))), gains.numel())
-        chosen = torch.zeros_like(gains, dtype=torch.bool)
-        if k > 0:
-            val, idx = gains.topk(k)
-            chosen[idx[val > 0]] = True
-        for n, part in zip(names, chosen.split([cands[n][0].numel() for n in names]), strict=True):
-            do[n] = part.view_as(cands[n][0])
+        chosen = _top_profitable(torch.cat([cands[n][0].reshape(1, -1) for n in names], 1), ratio)
+        do = {n: part.view_as(cands[n][0])
+              for n, part in zip(names, chosen.split([cands[n][0].numel() for n in names], 1), strict=True)}
     else:
-        for n in names:
-            gain = cands[n][0] if group == "row" else cands[n][0].reshape(1, -1)
-            per = keeps[n].shape[1] if group == "row" else keeps[n].numel()
-            k = min(int(round(ratio * per)), gain.shape[1])
-            chosen = torch.zeros_like(gain, dtype=torch.bool)
-            if k > 0:
-                val, idx = gain.topk(k, dim=1)
-                chosen.scatter_(1, idx, val > 0)
-            do[n] = chosen.view_as(cands[n][0])
+        do = {n: _top_profitable(cands[n][0] if group == "row" else cands[n][0].reshape(1, -1), ratio)
+              .view_as(cands[n][0]) for n in names}
     out, total = {}, 0
     for n in names:
-        gain, ip, ik = cands[n]
+        _, ip, ik = cands[n]
         rows, cols = keeps[n].shape
         k3 = keeps[n].clone().view(rows, cols // m, m)
         r, g = torch.nonzero(do[n], as_tuple=True)
@@ -165,7 +176,7 @@ def rebuild_masks(keeps: dict[str, torch.Tensor], scores: dict[str, torch.Tensor
 
 
 def barber_scores(dense_weight: torch.Tensor, grad_sq_mean: torch.Tensor) -> torch.Tensor:
-    """S = |W_dense| · sqrt(E[g²]) (§3.2): a first-order estimate of what each weight is worth to the block."""
+    """S = |W_dense| · sqrt(E[g²]) (§3.3): a first-order estimate of what each weight is worth to the block."""
     return dense_weight.abs().float() * grad_sq_mean.float().sqrt()
 
 
@@ -174,11 +185,72 @@ class _StopAfterBlock(Exception):
     pass
 
 
+@dataclasses.dataclass
+class BlockCalls:
+    """One block's captured calls on the calibration data: per batch the (args, kwargs) it was called with."""
+
+    calls: list[tuple[tuple, dict[str, Any]]]
+    outputs: list[torch.Tensor]  # the block's outputs in those calls, detached
+
+    @staticmethod
+    def hidden_of(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def samples(self):
+        """Yield (args, kwargs, output) one calibration sequence at a time (the per-sequence E[g²] of §3.3)."""
+        for (args, kwargs), out in zip(self.calls, self.outputs, strict=True):
+            hidden = self.hidden_of(args, kwargs)
+            for j in range(hidden.shape[0]):
+                a, kw = self.with_hidden(args, kwargs, hidden[j:j + 1])
+                yield a, kw, out[j:j + 1]
+
+
+def capture_block(ctx, block: nn.Module) -> BlockCalls:
+    """Run the (sparse) decoder layer on every calibration batch up to ``block``; record the block's calls."""
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+    outputs: list[torch.Tensor] = []
+
+    def pre(_module, args, kwargs):
+        hidden = BlockCalls.hidden_of(args, kwargs).detach()
+        calls.append(BlockCalls.with_hidden(args, kwargs, hidden))
+
+    def post(_module, _args, _kwargs, output):
+        outputs.append(_first(output).detach())
+        raise _StopAfterBlock  # the rest of the layer is not needed
+
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True),
+               block.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            for x in ctx.inputs:
+                try:
+                    ctx.run(x.to(ctx.device))
+                except _StopAfterBlock:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(outputs) != len(ctx.inputs):
+        raise RuntimeError(f"{ctx.prefix}: the block {type(block).__name__} did not run once per calibration batch "
+                           "in the layer's forward")
+    return BlockCalls(calls, outputs)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
 class BarberRun(PruneRun):
     """The initial method's run (kept dense weights on) plus the block-wise mask rebuild in ``refine_layer``."""
 
-    # Barber's targets are the dense *block* outputs on the sparse model's inputs (§3.2), which it records itself
-    # per block; the driver's whole-layer reference outputs would cost a forward pass for nothing.
+    # Barber's targets are block outputs on the sparse model's inputs (§3.2), which it records itself per block;
+    # the driver's whole-layer reference outputs would cost a forward pass for nothing.
     needs_reference_outputs = False
 
     def __init__(self, config: Barber):
@@ -201,7 +273,7 @@ class BarberRun(PruneRun):
         record: dict[str, Any] = {"swaps": {}}
         blocks = [("attention", adapter.attention(i), adapter.attention_linears(i)),
                   ("mlp", adapter.mlp(i), adapter.mlp_linears(i))]
-        for label, block, linears in blocks:
+        for label, block, linears in blocks:  # attention first: the MLP's inputs then see its rebuilt mask
             mods = {n: targets[n] for n in linears if n in targets and n in self.init.masks}
             if mods:
                 swaps, before, after, reverted = self._rebuild_block(ctx, block, mods)
@@ -215,48 +287,18 @@ class BarberRun(PruneRun):
 
     def _rebuild_block(self, ctx, block: nn.Module, mods: dict[str, nn.Linear]) -> tuple[int, float, float, bool]:
         dense, keeps = self.init.dense, self.init.masks
+        captured = capture_block(ctx, block)  # sparse inputs and the sparse block's outputs (§3.2)
         sparse = {n: m.weight.detach().clone() for n, m in mods.items()}
-        with torch.no_grad():  # the dense block's outputs on the sparse model's inputs (§3.2)
-            for n, m in mods.items():
-                m.weight.copy_(dense[n])
-            try:
-                reference = [_block_output(ctx, block, x.to(ctx.device)).cpu() for x in ctx.inputs]
-            finally:
-                for n, m in mods.items():
-                    m.weight.copy_(sparse[n])
-        grad_sq = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
-        weights = [m.weight for m in mods.values()]
-        flags = [w.requires_grad for w in weights]
-        seen, mse = 0, 0.0
-        try:
-            for w in weights:
-                w.requires_grad_(True)
-            with torch.enable_grad():
-                # One gradient per calibration sequence: E[g²] over sequences (the reference code's per-sample
-                # loop) carries the per-sample spread that a batch-mean gradient squared would average away.
-                for xb, refb in zip(ctx.inputs, reference, strict=True):
-                    for x, ref in zip(xb.split(1), refb.split(1), strict=True):
-                        out = _block_output(ctx, block, x.to(ctx.device))
-                        loss = F.mse_loss(out.float(), ref.to(ctx.device).float())
-                        grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                        for (n, _), g in zip(mods.items(), grads, strict=True):
-                            if g is not None:  # an expert no token reached has no gradient
-                                grad_sq[n] += g.float() ** 2
-                        seen += 1
-                        mse += float(loss.detach())
-        finally:
-            for w, f in zip(weights, flags, strict=True):
-                w.requires_grad_(f)
+        grad_sq, seen, before, dense_out = self._dense_gradients(block, mods, captured)
         scores = {n: barber_scores(dense[n], grad_sq[n] / max(seen, 1)) for n in mods}
         new_keeps, swaps = rebuild_masks({n: keeps[n] for n in mods}, scores, float(self.config.rebuild_ratio),
                                          self.config.group, self.config.nm)
         with torch.no_grad():
             for n, m in mods.items():
-                revived = new_keeps[n] & ~keeps[n]
-                w = torch.where(revived, dense[n], m.weight)
+                # Kept weights stay as the initial method left them, revived ones take their dense value (§3).
+                w = torch.where(keeps[n], sparse[n], dense[n])
                 m.weight.copy_(w * new_keeps[n].to(w.dtype))
-            after = _block_mse(ctx, block, reference)
-            before = mse / max(seen, 1)
+            after = _block_mse(block, captured, dense_out)
             if self.config.guard and after > before:
                 # Deviation from §3 (recorded): a first-order swap can overshoot, most of all after SparseGPT's
                 # reconstruction, whose kept weights already compensate for the pruned ones. Keep the better mask.
@@ -267,34 +309,54 @@ class BarberRun(PruneRun):
                 keeps[n] = new_keeps[n]
         return swaps, before, after, False
 
+    def _dense_gradients(self, block: nn.Module, mods: dict[str, nn.Linear], captured: BlockCalls):
+        """E[g²] of the block loss w.r.t. the dense weights, per sequence (§3.2-3.3, the code's ``add_batch``).
 
-def _block_output(ctx, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run the decoder layer on ``x`` only as far as ``block`` and return the block's output (with autograd)."""
-    box: list[torch.Tensor] = []
-
-    def hook(_module, _args, output):
-        box.append(output[0] if isinstance(output, tuple | list) else output)
-        raise _StopAfterBlock
-
-    handle = block.register_forward_hook(hook)
-    try:
-        ctx.run(x)
-    except _StopAfterBlock:
-        pass
-    finally:
-        handle.remove()
-    if not box:
-        raise RuntimeError(f"{ctx.prefix}: the block {type(block).__name__} never ran in the layer's forward")
-    return box[0]
+        Returns the summed squared gradients, the number of sequences, the mean initial block MSE and the dense
+        block's outputs (the targets the rebuilt mask is judged against).
+        """
+        dense = self.init.dense
+        weights = [m.weight for m in mods.values()]
+        flags = [w.requires_grad for w in weights]
+        saved = {n: m.weight.detach().clone() for n, m in mods.items()}
+        grad_sq = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
+        seen, mse, dense_out = 0, 0.0, []
+        try:
+            with torch.no_grad():
+                for n, m in mods.items():
+                    m.weight.copy_(dense[n])
+            for w in weights:
+                w.requires_grad_(True)
+            with torch.enable_grad():
+                for args, kwargs, target in captured.samples():
+                    out = _first(block(*args, **kwargs))
+                    loss = F.mse_loss(out.float(), target.float())
+                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                    for n, g in zip(mods, grads, strict=True):
+                        if g is not None:  # an expert no token reached has no gradient
+                            grad_sq[n] += g.float() ** 2
+                    dense_out.append(out.detach())
+                    seen += 1
+                    mse += float(loss.detach())
+        finally:
+            with torch.no_grad():
+                for n, m in mods.items():
+                    m.weight.copy_(saved[n])
+            for w, f in zip(weights, flags, strict=True):
+                w.requires_grad_(f)
+        return grad_sq, seen, mse / max(seen, 1), dense_out
 
 
 @torch.no_grad()
-def _block_mse(ctx, block: nn.Module, reference: list[torch.Tensor]) -> float:
+def _block_mse(block: nn.Module, captured: BlockCalls, targets: list[torch.Tensor]) -> float:
+    """Mean per-sequence MSE of ``block`` (current weights) against ``targets`` on the captured calls."""
     total, seen = 0.0, 0
-    for x, ref in zip(ctx.inputs, reference, strict=True):
-        out = _block_output(ctx, block, x.to(ctx.device))
-        total += float(F.mse_loss(out.float(), ref.to(ctx.device).float())) * x.shape[0]
-        seen += x.shape[0]
+    it = iter(targets)
+    for args, kwargs in captured.calls:
+        out = _first(block(*args, **kwargs)).float()
+        for j in range(out.shape[0]):
+            total += float(F.mse_loss(out[j:j + 1], next(it).float()))
+            seen += 1
     return total / max(seen, 1)
 
 
@@ -304,4 +366,4 @@ def apply_barber(model: nn.Module, config: Barber, calib=None, filter_fn=None, *
     return model
 
 
-__all__ = ["Barber", "BarberRun", "rebuild_masks", "barber_scores", "parse_pattern"]
+__all__ = ["Barber", "BarberRun", "rebuild_masks", "barber_scores", "capture_block", "parse_pattern"]

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..primitives.hessian import HessianAccumulator, damped_inverse_cholesky, prepare
+from ..errors import CalibrationError, ConfigError
+from ..primitives.hessian import HessianAccumulator, InverseResult, damped_inverse_cholesky, prepare
 from ..registry import register
 from .common import PruneConfig, PruneRun, execute, n_pruned
 
@@ -54,18 +54,24 @@ class SparseGPT(PruneConfig):
         return SparseGPTRun(self, keep_dense)
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPT, name: str = "this layer"
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def inverse_hessian(hessian: torch.Tensor, config: SparseGPT, name: str = "this layer") -> InverseResult:
+    """Upper Cholesky factor of the damped H⁻¹ (§3.2); dead inputs get H_jj = 1 and keep their weights."""
+    h = hessian.detach().float().clone()
+    prepare(h, None)  # dead inputs: H_jj = 1 keeps H invertible; their weights stay (see the module docstring)
+    return damped_inverse_cholesky(h, float(config.dampening), max_retries=4, name=name)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPT, name: str = "this layer",
+                    inverse: InverseResult | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Prune ``weight`` (out, in) given the layer Hessian (in, in) = 2/N·XXᵀ.
 
-    Returns (updated weight with exact zeros, keep-mask, record with loss / damping). ``damping`` in the
-    record is relative to the mean Hessian diagonal (``config.dampening``, ×10 per retry).
+    ``inverse`` (from :func:`inverse_hessian` of the same Hessian) skips the factorisation, e.g. for q/k/v,
+    which share their input. Returns (updated weight with exact zeros, keep-mask, record with loss / damping).
+    ``damping`` in the record is relative to the mean Hessian diagonal (``config.dampening``, ×10 per retry).
     """
     w = weight.detach().float().clone()  # (out, in)
     rows, cols = w.shape
-    h = hessian.detach().float().clone()
-    prepare(h, None)  # dead inputs: H_jj = 1 keeps H invertible; their weights stay (see the module docstring)
-    inv = damped_inverse_cholesky(h, float(config.dampening), max_retries=4, name=name)
+    inv = inverse if inverse is not None else inverse_hessian(hessian, config, name)
     u, retries = inv.Hinv_upper, inv.retries  # H⁻¹ = UᵀU
     damp = float(config.dampening) * 10.0 ** retries
     prune = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
@@ -110,20 +116,59 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, config: SparseG
     return w.to(weight.dtype), ~prune, {"loss": float(losses.sum()), "damping": damp, "damping_retries": retries}
 
 
+@dataclasses.dataclass
+class SharedHessian:
+    """A linear's Hessian statistics; linears fed the very same input tensor (q/k/v, gate/up) share one."""
+
+    in_features: int
+    device: torch.device
+    acc: HessianAccumulator | None = None
+    batches: int = 0
+
+
 class SparseGPTRun(PruneRun):
     true_sequential = True  # §3.5: each group sees the outputs of the groups already pruned
 
-    def new_stats(self, name: str, module: nn.Linear) -> HessianAccumulator:
-        return HessianAccumulator(module.in_features, device=module.weight.device)
+    def __init__(self, config: SparseGPT, keep_dense: bool = False):
+        super().__init__(config, keep_dense)
+        self._last: tuple[torch.Tensor, HessianAccumulator, int] | None = None  # last input added, its Hessian
+        self._inverses: dict[int, tuple[HessianAccumulator, InverseResult]] = {}
 
-    def add_batch(self, stats: HessianAccumulator, name: str, module: nn.Linear, inp: torch.Tensor,
+    def new_stats(self, name: str, module: nn.Linear) -> SharedHessian:
+        return SharedHessian(module.in_features, module.weight.device)
+
+    def add_batch(self, stats: SharedHessian, name: str, module: nn.Linear, inp: torch.Tensor,
                   out: torch.Tensor) -> None:
-        stats.add(inp)
+        # q/k/v (and gate/up) see the same input tensor in the same batch: accumulate XXᵀ and factor H once.
+        # Holding the last input keeps its storage alive, so a matching pointer means the same tensor.
+        last = self._last
+        if last is not None and stats.batches == last[2] and stats.acc in (None, last[1]) \
+                and inp.data_ptr() == last[0].data_ptr() and inp.shape == last[0].shape \
+                and inp.stride() == last[0].stride():
+            stats.acc = last[1]
+        else:
+            if stats.acc is None:
+                stats.acc = HessianAccumulator(stats.in_features, device=stats.device)
+            stats.acc.add(inp)
+            self._last = (inp, stats.acc, stats.batches)
+        stats.batches += 1
 
-    def prune(self, name: str, module: nn.Linear, stats: HessianAccumulator) -> tuple[torch.Tensor, dict[str, Any]]:
-        new_w, keep, record = sparsegpt_prune(module.weight, stats.H, self.config, name=name)
+    def prune(self, name: str, module: nn.Linear, stats: SharedHessian) -> tuple[torch.Tensor, dict[str, Any]]:
+        self._last = None
+        acc = stats.acc
+        if acc is None:
+            raise CalibrationError(f"{name} saw no calibration batch, so SparseGPT has no Hessian for it")
+        if id(acc) not in self._inverses:
+            self._inverses[id(acc)] = (acc, inverse_hessian(acc.H, self.config, name))
+        new_w, keep, record = sparsegpt_prune(module.weight, acc.H, self.config, name=name,
+                                              inverse=self._inverses[id(acc)][1])
         module.weight.copy_(new_w)
         return keep, record
+
+    def refine_layer(self, ctx: Any, targets: dict[str, nn.Linear],
+                     reference_outputs: list[torch.Tensor] | None) -> dict[str, Any] | None:
+        self._inverses.clear()
+        return super().refine_layer(ctx, targets, reference_outputs)
 
 
 @register(SparseGPT)
