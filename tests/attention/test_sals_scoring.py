@@ -81,3 +81,12 @@ def test_score_rope_config_and_decode():
     sparse = dict(base, keep=8, recent=4)
     free, avg = run(SALSConfig(**sparse)), run(SALSConfig(score_rope="averaged", **sparse))
     assert torch.isfinite(avg).all() and not torch.allclose(free, avg)  # another selection, same machinery
+
+
+def test_avg_presets_build():
+    from compactlm.attention.sals import PRESETS, SALSConfig, config_from_options
+
+    cfg = config_from_options(SALSConfig, dict(PRESETS["sals-avg"]))
+    assert (cfg.rank, cfg.score_rope, cfg.exact_sink, cfg.exact_recent, cfg.mode) == (0.25, "averaged", 16, 64,
+                                                                                      "compressed")
+    assert config_from_options(SALSConfig, dict(PRESETS["sals-index-avg"])).mode == "index"

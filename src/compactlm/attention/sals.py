@@ -285,10 +285,14 @@ def _parse_number(key: str, text: str) -> Any:
         raise ConfigError(f"option {key}={text!r} is not a number") from None
 
 
-# CLI names: ``--attn sals`` (rank 25 %), ``sals-12.5`` (rank 12.5 %), ``sals-index`` (full keys kept).
+# CLI names: ``--attn sals`` (rank 25 %), ``sals-12.5`` (rank 12.5 %), ``sals-index`` (full keys kept);
+# ``sals-avg``: rank 25 % with position-averaged scoring and exact sink/recent keys (see docs/sals.md for why).
+AVG = {"score_rope": "averaged", "exact_sink": 16, "exact_recent": 64}
 PRESETS: dict[str, dict[str, Any]] = {"sals": {}, "sals-25": {"rank": 0.25}, "sals-12.5": {"rank": 0.125},
                                       "sals-index": {"mode": "index"},
-                                      "sals-v4": {"value_bits": 4}}
+                                      "sals-v4": {"value_bits": 4},
+                                      "sals-avg": AVG, "sals-avg-12.5": {**AVG, "rank": 0.125},
+                                      "sals-index-avg": {"mode": "index", "score_rope": "averaged"}}
 
 
 def _builder(name: str, preset: dict[str, Any]):
