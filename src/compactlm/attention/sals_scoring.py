@@ -4,7 +4,7 @@ SALS scores cached tokens "RoPE-free": q_pre·k_pre, as if every key sat at the 
 logit is q_pre·R(−Δ)·k_pre, Δ = query position − key position, where R rotates channel pair j by Δ·θ_j. For
 pairs that turn fast (θ_j·Δ ≫ 1 over the context) the RoPE-free term is not the logit's value at any typical
 distance: it counts as a fixed vote what really oscillates with Δ. On SmolLM2-135M (θ base 1e5, head dim 64)
-only the slowest ~6 of 32 pairs stay within 0.3 rad over 4K tokens.
+only the slowest 5 of 32 pairs stay within 0.3 rad over 4K tokens.
 
 ``score_rope="averaged"`` scores with the expected logit over the candidates' distances instead: with Δ uniform on
 the integers [a, b] (a = ``recent``, the nearest slot the score must choose among; b = the oldest),
