@@ -26,7 +26,10 @@ def step_sals(ctx: Any) -> list[dict[str, Any]]:
     ensure_projections(model, tok)
     rows = []
     ids = eval_windows(tok, "wiki", seqlen=2048, windows=1)
-    methods = [sals_method(model, SALSConfig(rank=r), f"sals-{r:.1%}") for r in (0.25, 0.125)]
+    # The paper's SALS-25 % beside `sals-avg` (same rank, position-averaged scoring + exact sink/recent keys).
+    configs = {"sals-25.0%": SALSConfig(rank=0.25),
+               "sals-avg-25.0%": SALSConfig(rank=0.25, score_rope="averaged", exact_sink=16, exact_recent=64)}
+    methods = [sals_method(model, cfg, name) for name, cfg in configs.items()]
     result = run_ppl_decode(model, tok, methods, input_ids=ids, decoded=32)
     full = result.methods["full"]["ppl"]
     with torch.no_grad():
