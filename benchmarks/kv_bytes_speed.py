@@ -12,6 +12,7 @@ model's own shape and dtype (bytes and step cost do not depend on the values), t
 
     python benchmarks/kv_bytes_speed.py --context 8192 --steps 4 --threads 1 \
         --json benchmarks/results/kv_bytes_speed.json
+    python benchmarks/kv_bytes_speed.py --context 8192 --bytes-only --json benchmarks/results/kv_bytes_8k_int2.json
 """
 
 from __future__ import annotations
@@ -41,6 +42,39 @@ CONFIGS = {
     "int2-g32-r128 (dequantize, no fused attention)": KVQuant(bits=2, group_size=32, residual=128,
                                                                fused_attention=False),
 }
+# --bytes-only: the int2 settings screened for the <= 0.16x target (no timing; bytes do not depend on values)
+BYTES_CONFIGS = {
+    "int2-g32-r128": KVQuant(bits=2, group_size=32, residual=128),
+    "int2-g32-r128-vg16-s16-prerope": KVQuant(bits=2, group_size=32, residual=128, value_group_size=16, sinks=16,
+                                              pre_rope=True),
+    "int2-g32-r128-m8": KVQuant(bits=2, group_size=32, residual=128, meta_dtype="int8"),
+    "int2-g64-r128": KVQuant(bits=2, group_size=64, residual=128),
+    "int2-g64-r128-m8": KVQuant(bits=2, group_size=64, residual=128, meta_dtype="int8"),
+    "int2-g64-r128-s16-m8": KVQuant(bits=2, group_size=64, residual=128, sinks=16, meta_dtype="int8"),
+    "int2-g32-r64-vg64-m8": KVQuant(bits=2, group_size=32, residual=64, value_group_size=64, meta_dtype="int8"),
+    "int2-g128-r128": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64),
+    "int2-g128-r128-m8": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64, meta_dtype="int8"),
+    "int4-g32-r128-m8": KVQuant(bits=4, group_size=32, residual=128, meta_dtype="int8"),
+}
+
+
+def bytes_only(args, model, full: DynamicCache, full_bytes: int, bf16_bytes: int) -> None:
+    """KV bytes per token of each BYTES_CONFIGS entry holding exactly ``--context`` tokens (no decode steps)."""
+    rows = [{"config": "full (DynamicCache)", "kv_bytes": full_bytes, "bytes_per_token": full_bytes / args.context,
+             "ratio_vs_bf16": full_bytes / bf16_bytes}]
+    for name, cfg in BYTES_CONFIGS.items():
+        nbytes = QuantizedKVCache.from_cache(model, cfg, full).kv_bytes()
+        rows.append({"config": name, "kv_bytes": nbytes, "bytes_per_token": nbytes / args.context,
+                     "ratio_vs_bf16": nbytes / bf16_bytes, "kv_quant": cfg.to_dict()})
+        print(f"{name:36s} {nbytes / args.context:9.1f} B/token  {nbytes / bf16_bytes:.4f}x bf16", flush=True)
+    out = {"benchmark": "kv bytes per token (bytes only)", "model": args.model, "dtype": args.dtype,
+           "context": args.context, "rows": rows,
+           "note": "cache filled with exactly --context random keys/values of the model's shape (bytes do not "
+                   "depend on the values), converted to each config, bytes summed over every tensor held: "
+                   "codes, scales, zeros, full-precision window and sinks, key positions (pre_rope)",
+           "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype)}
+    if args.json:
+        write_json_atomic(args.json, out)
 
 
 def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
@@ -62,6 +96,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--bytes-only", action="store_true", help="bytes per token of BYTES_CONFIGS, no timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load(args.model, dtype=args.dtype)
@@ -71,6 +106,8 @@ def main() -> None:
     full_bytes = full_cache_bytes(full)
     bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()
     layers = get_adapter(model).num_layers
+    if args.bytes_only:
+        return bytes_only(args, model, full, full_bytes, bf16_bytes)
 
     def grouped(module, query, key, value, attention_mask, scaling, fallback, **kw):
         if query.shape[-2] != 1:

@@ -71,12 +71,14 @@ def test_fewer_bits_more_error():
     assert errs[0] < errs[1] < errs[2], errs
 
 
+@pytest.mark.parametrize("meta_dtype", ["fp16", "int8"])
 @pytest.mark.parametrize("pre_rope", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_decode_attention_matches_reference(pre_rope, masked):
+def test_fused_decode_attention_matches_reference(pre_rope, masked, meta_dtype):
     """Chunked dequantization + online softmax == dequantize everything + plain softmax."""
     model = tiny_model("llama")
-    cfg = KVQuant(bits=2, group_size=8, residual=8, sinks=2, pre_rope=pre_rope, chunk_tokens=16)
+    cfg = KVQuant(bits=2, group_size=8, residual=8, sinks=2, pre_rope=pre_rope, chunk_tokens=16,
+                  meta_dtype=meta_dtype)
     cache = QuantizedKVCache(model, cfg)
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(1)
@@ -171,6 +173,36 @@ def test_memory_accounting_counts_every_tensor():
     assert full_cache_bytes(full) == 2 * 2 * 2 * 64 * 16 * 4
 
 
+def test_int8_metadata_halves_the_metadata_bytes_and_tracks_fp16_metadata():
+    """meta_dtype="int8" stores 1 + 1 byte per group instead of 2 + 2, at nearly the fp16-metadata error."""
+    model = tiny_model("llama")
+    ids = _ids(1, 64)
+    with torch.no_grad():
+        ref = model(ids).logits
+    caches = {m: QuantizedKVCache(model, KVQuant(bits=2, group_size=16, residual=16, meta_dtype=m))
+              for m in ("fp16", "int8")}
+    errs = {m: (_run(model, ids, c, 32) - ref).abs().mean().item() for m, c in caches.items()}
+    layer = caches["int8"].layers[0]
+    assert layer.qk.scale.dtype == torch.uint8 and layer.qk.zero.dtype == torch.int8
+    assert layer.qv.scale.dtype == torch.uint8 and layer.qv.zero.dtype == torch.int8
+    # per layer: codes 2×(2·48·4) + key meta 2×(2·3·16)·1 + value meta 2×(2·48·1)·1 + window 2×(2·16·16)·4
+    assert layer.nbytes() == 2 * (2 * 48 * 4) + 2 * (2 * 3 * 16) + 2 * (2 * 48) + 2 * (2 * 16 * 16) * 4
+    meta16 = sum(q.scale.numel() * 2 + q.zero.numel() * 2 for q in (caches["fp16"].layers[0].qk,
+                                                                    caches["fp16"].layers[0].qv))
+    assert caches["fp16"].layers[0].nbytes() - layer.nbytes() == meta16 // 2
+    assert errs["int8"] < 1.25 * errs["fp16"], errs
+
+
+def test_kv_method_options_from_strings():
+    """``--kv int2@sinks=4@pre_rope=true`` passes strings; they are converted to the field types."""
+    model = tiny_model("llama")
+    m = build_method(model, "kv", "int2", {"group_size": "8", "residual": "16", "sinks": "4", "pre_rope": "true",
+                                           "value_group_size": "8", "meta_dtype": "int8"})
+    assert m.name == "kv-int2-g8-r16-vg8-s4-prerope-m8"
+    with pytest.raises(ConfigError, match="sinks"):
+        build_method(model, "kv", "int2", {"sinks": "four"})
+
+
 def test_kv_methods_are_registered_and_decode_quality_orders_by_bits():
     model = tiny_model("llama")
     methods = [build_method(model, "kv", f"int{b}", {"group_size": 8, "residual": 8}) for b in (8, 2)]
@@ -191,7 +223,7 @@ def test_config_round_trip_and_validation():
     assert BaseConfig.from_json(cfg.to_json()) == cfg
     assert compactlm.KVQuant is KVQuant
     for bad, match in [({"bits": 3}, "bits"), ({"group_size": 0}, "group_size"), ({"residual": -1}, "residual"),
-                       ({"sinks": -2}, "sinks"), ({"meta_dtype": "int8"}, "meta_dtype"),
+                       ({"sinks": -2}, "sinks"), ({"meta_dtype": "fp8"}, "meta_dtype"),
                        ({"chunk_tokens": 33}, "chunk_tokens"), ({"value_group_size": 0}, "value_group_size")]:
         with pytest.raises(ConfigError, match=match):
             KVQuant(**bad)

@@ -69,8 +69,7 @@ def _folded_key_scores(q: torch.Tensor, qk: QuantizedKV, start: int, end: int) -
     g = qk.group_size
     codes = unpack_to(qk.packed[..., start:end, :], qk.bits, q.dtype)  # (B, H, C, D)
     c = end - start
-    scale = qk.scale[..., start // g: end // g, :].to(q.dtype)  # (B, H, C/G, D)
-    zero = qk.zero[..., start // g: end // g, :].to(q.dtype)
+    scale, zero = qk.meta(start, end, q.dtype)  # (B, H, C/G, D) each
     qs = q.unsqueeze(2) * scale.unsqueeze(3)  # (B, H, C/G, n, D)
     scores = qs @ codes.view(b, h, c // g, g, d).transpose(-1, -2)  # (B, H, C/G, n, G)
     bias = (q @ zero.transpose(-1, -2)).float()  # (B, H, n, C/G)
@@ -84,8 +83,7 @@ def _folded_values(p: torch.Tensor, qv: QuantizedKV, start: int, end: int, dtype
     codes = unpack_to(qv.packed[..., start:end, :], qv.bits, dtype)  # (B, H, C, D)
     d = codes.shape[-1]
     gv = qv.group_size
-    scale = qv.scale[..., start:end, :].to(dtype)  # (B, H, C, D/Gv)
-    zero = qv.zero[..., start:end, :].to(dtype)
+    scale, zero = qv.meta(start, end, dtype)  # (B, H, C, D/Gv) each
     pd = p.to(dtype)
     ps = pd.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)  # (B, H, D/Gv, n, C)
     cv = codes.view(b, h, c, d // gv, gv).permute(0, 1, 3, 2, 4)  # (B, H, D/Gv, C, Gv)

@@ -46,7 +46,8 @@ class QuantizedKVLayer(DynamicLayer):
             raise ValueError("pre_rope=True needs the model's rotary embedding (build the cache from a model)")
         self.cfg = config
         self.rope = rope
-        self.meta_dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[config.meta_dtype])
+        self.meta_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                           "int8": "int8"}[config.meta_dtype]  # "int8": quantizer.META8, the 2-byte format
         self.sink_k = self.sink_v = None  # (B, H, S, D) full precision
         self.qk: QuantizedKV | None = None  # keys, grouped along tokens
         self.qv: QuantizedKV | None = None  # values, grouped along channels

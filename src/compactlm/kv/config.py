@@ -24,7 +24,9 @@ class KVQuant(BaseConfig):
         sinks: first tokens kept in full precision for good (0 = off).
         pre_rope: quantize keys before RoPE (un-rotated at their positions, re-rotated when read).
         value_group_size: channels per value group (None: ``group_size``, capped at the head dim).
-        meta_dtype: dtype of the stored scales and zeros: fp16 (default), bf16 or fp32.
+        meta_dtype: format of the stored scales and zeros: fp16 (default), bf16, fp32, or int8 (2 bytes
+            per group instead of 4: a uint8 log2 scale in 1/8-octave steps and an int8 zero point; see
+            ``quantizer.encode_meta8``).
         fused_attention: decode attention reads the quantized store chunk by chunk (no full
             dequantized copy); False returns dequantized keys/values to the model's own attention.
         chunk_tokens: tokens dequantized at a time by the fused attention (a multiple of group_size).
@@ -53,8 +55,8 @@ class KVQuant(BaseConfig):
             raise ConfigError(f"KVQuant.residual must be an integer ≥ 0 (KIVI uses 128), got {self.residual!r}")
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise ConfigError(f"KVQuant.sinks must be an integer ≥ 0, got {self.sinks!r}")
-        if self.meta_dtype not in ("fp16", "bf16", "fp32"):
-            raise ConfigError(f"KVQuant.meta_dtype must be fp16, bf16 or fp32, got {self.meta_dtype!r}")
+        if self.meta_dtype not in ("fp16", "bf16", "fp32", "int8"):
+            raise ConfigError(f"KVQuant.meta_dtype must be fp16, bf16, fp32 or int8, got {self.meta_dtype!r}")
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < self.group_size \
                 or self.chunk_tokens % self.group_size:
             raise ConfigError(f"KVQuant.chunk_tokens must be a positive multiple of group_size ({self.group_size}), "
@@ -74,5 +76,7 @@ class KVQuant(BaseConfig):
 
     @property
     def label(self) -> str:
-        extra = (f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "")
+        extra = (f"-vg{self.value_group_size}" if self.value_group_size else "") + (
+            f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "") + (
+            "-m8" if self.meta_dtype == "int8" else "")
         return f"int{self.bits}-g{self.group_size}-r{self.residual}{extra}"

@@ -99,10 +99,25 @@ def kv_cache(model: nn.Module, config: KVQuant | None = None) -> Iterator[KVSess
         session.close()
 
 
+def _coerce(name: str, value):
+    """``"16"`` -> 16, ``"true"`` -> True, ``"none"`` -> None for the option strings ``--kv int2@sinks=16`` gives."""
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(low)
+    except ValueError:
+        return value  # strings such as meta_dtype; KVQuant validates them
+
+
 def _builder(bits: int):
     def build(model: nn.Module, options: dict) -> RuntimeMethod:
         try:
-            config = KVQuant(bits=bits, **options)
+            config = KVQuant(bits=bits, **{k: _coerce(k, v) for k, v in options.items()})
         except TypeError as exc:
             raise ConfigError(f"kv:int{bits} option error ({exc}); KVQuant fields: bits, group_size, residual, "
                               "sinks, pre_rope, value_group_size, meta_dtype, fused_attention, chunk_tokens") from None
