@@ -289,3 +289,44 @@ def test_demo_bytes_per_token_counts_the_quantized_cache():
     assert full == 2 * 2 * 2 * 16 * 4  # layers × (K, V) × kv heads × head dim × fp32 bytes
     assert bytes_per_token(model, KVQuant(bits=2, group_size=16), 1024) / full < 0.25
     assert "kv" in STEPS
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_value_rotation_fused_attention_matches_reference_and_helps_outlier_channels(masked):
+    """value_rotation: the store holds V·H; fused attention rotates its sum back == reference over materialize()."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g)
+    v[..., 5] *= 20  # an outlier value channel: per-token groups spend their range on it
+    errs = {}
+    for rot in (False, True):
+        cfg = KVQuant(bits=2, group_size=8, residual=8, sinks=2, chunk_tokens=16, value_rotation=rot,
+                      value_group_size=16)  # one value group per head (QuaRot's setting)
+        layer = QuantizedKVCache(model, cfg).layers[0]
+        layer.update(k, v)
+        query = torch.randn(2, 4, 1, 16, generator=g)
+        mask = None
+        if masked:
+            mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+            mask[0, ..., :5] = False
+        kk, vv = layer.materialize()
+        ref = reference_attention(query, kk, vv, 0.25, mask)
+        got = quantized_decode_attention(query, layer, 0.25, mask)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+        errs[rot] = (vv - v)[..., 2:58, :].pow(2).mean().item()  # the quantized store's tokens
+    assert errs[True] < 0.7 * errs[False], errs
+
+
+def test_value_rotation_is_exact_at_high_precision_and_needs_a_power_of_two_head_dim():
+    from compactlm.kv.quantizer import hadamard
+
+    h = hadamard(16)
+    assert torch.allclose(h @ h, torch.eye(16), atol=1e-6) and torch.equal(h, h.T)
+    layer = QuantizedKVCache(tiny_model("llama"), KVQuant(bits=8, group_size=8, residual=0,
+                                                          value_rotation=True)).layers[0]
+    v = torch.randn(1, 2, 32, 16)
+    layer.update(torch.randn(1, 2, 32, 16), v)
+    _, vv = layer.materialize()
+    assert (vv - v).abs().max() < 0.02 * v.abs().max()
+    with pytest.raises(ConfigError, match="power-of-two"):
+        KVQuant(bits=2, value_rotation=True, value_group_size=16).check_model(48)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .cache import QuantizedKVLayer
-from .quantizer import QuantizedKV, unpack_to
+from .quantizer import QuantizedKV, hadamard, unpack_to
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -122,6 +122,11 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
             acc.add(masked((q @ k.to(dt).transpose(-1, -2)).float()), v.to(dt))
             offset += k.shape[-2]
 
+    rot = hadamard(d, query.device) if layer.cfg.value_rotation else None
+
+    def rotate_back(pv: torch.Tensor) -> torch.Tensor:  # the store holds V·H (H symmetric orthonormal)
+        return pv if rot is None else pv @ rot
+
     exact(layer.sink_k, layer.sink_v)
     for start in range(0, layer.quantized_length, chunk):
         end = min(start + chunk, layer.quantized_length)
@@ -129,7 +134,7 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
             scores = (q @ layer.dequantized_keys(start, end, dt).transpose(-1, -2)).float()
         else:
             scores = _folded_key_scores(q, layer.qk, start, end)
-        acc.add(masked(scores), lambda p, s=start, e=end: _folded_values(p, layer.qv, s, e, dt))
+        acc.add(masked(scores), lambda p, s=start, e=end: rotate_back(_folded_values(p, layer.qv, s, e, dt)))
         offset += end - start
     exact(layer.keys, layer.values)
     out = acc.result().reshape(b, h, tq, d)

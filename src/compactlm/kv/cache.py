@@ -9,6 +9,8 @@ between ``residual`` and ``residual + group_size - 1`` tokens. Options beyond KI
   keeps them unquantized for the same reason);
 - ``pre_rope``: keys are quantized before RoPE (KVQuant §3.2): flushed keys are un-rotated at their
   positions and re-rotated when read, which keeps per-channel statistics intact across positions;
+- ``value_rotation``: values are rotated by a Hadamard matrix before per-token quantization (QuaRot,
+  arXiv 2404.00456, §4) and rotated back when read;
 - padding: a (B, T) validity mask keeps padded tokens out of the key groups' min/max.
 
 Layer tensor layout: ``[sinks | quantized store | recent window]`` along T, in position order.
@@ -22,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import KVQuant
-from .quantizer import QuantizedKV
+from .quantizer import QuantizedKV, hadamard
 
 Rope = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (k (B,H,T,D), positions (B,T), inverse)
 
@@ -127,6 +129,8 @@ class QuantizedKVLayer(DynamicLayer):
             self.qpos = pos if self.qpos is None else torch.cat([self.qpos, pos], -1)
             self.rpos = self.rpos[:, m:]
         qk = QuantizedKV.quantize(k, self.cfg.bits, g, -2, self.meta_dtype, flushed_valid)
+        if self.cfg.value_rotation:  # quantize v·H; read back as dequant(v·H)·H (H symmetric orthonormal)
+            v = v.float() @ hadamard(v.shape[-1], v.device)
         qv = QuantizedKV.quantize(v, self.cfg.bits, self.cfg.value_group(v.shape[-1]), -1, self.meta_dtype)
         self.qk = qk if self.qk is None else self.qk.append(qk)
         self.qv = qv if self.qv is None else self.qv.append(qv)
@@ -140,12 +144,19 @@ class QuantizedKVLayer(DynamicLayer):
             k = self.rope(k, self.qpos[:, start:end], False)
         return k
 
+    def dequantized_values(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Quantized values ``[start, end)`` back in ``dtype``, the Hadamard rotation undone if configured."""
+        if not self.cfg.value_rotation:
+            return self.qv.dequantize(dtype, start, end)
+        v = self.qv.dequantize(torch.float32, start, end)
+        return (v @ hadamard(v.shape[-1], v.device)).to(dtype)
+
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-length (B, H, T, D) keys and values: sinks, dequantized store, recent window."""
         parts_k, parts_v = [self.sink_k], [self.sink_v]
         if self.qk is not None:
             parts_k.append(self.dequantized_keys(0, self.qk.length, self.dtype))
-            parts_v.append(self.qv.dequantize(self.dtype))
+            parts_v.append(self.dequantized_values(0, self.qv.length, self.dtype))
         return torch.cat([*parts_k, self.keys], -2), torch.cat([*parts_v, self.values], -2)
 
     # --- batch bookkeeping (generate's beam search / batch selection) ----------------------------------

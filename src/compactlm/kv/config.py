@@ -27,6 +27,10 @@ class KVQuant(BaseConfig):
         meta_dtype: format of the stored scales and zeros: fp16 (default), bf16, fp32, or int8 (2 bytes
             per group instead of 4: a uint8 log2 scale in 1/8-octave steps and an int8 zero point; see
             ``quantizer.encode_meta8``).
+        value_rotation: rotate each token's value channels by an orthonormal Hadamard matrix before
+            quantizing (QuaRot, arXiv 2404.00456, §4) and back when read (exact in full precision; needs
+            a power-of-two head dim). Keys are not rotated: their per-channel groups rely on outliers
+            staying in fixed channels (KIVI §3.1).
         fused_attention: decode attention reads the quantized store chunk by chunk (no full
             dequantized copy); False returns dequantized keys/values to the model's own attention.
         chunk_tokens: tokens dequantized at a time by the fused attention (a multiple of group_size).
@@ -39,6 +43,7 @@ class KVQuant(BaseConfig):
     pre_rope: bool = False
     value_group_size: int | None = None
     meta_dtype: str = "fp16"
+    value_rotation: bool = False
     fused_attention: bool = True
     chunk_tokens: int = 1024
 
@@ -71,6 +76,9 @@ class KVQuant(BaseConfig):
         if head_dim % self.value_group(head_dim):
             raise ConfigError(f"value groups of {self.value_group(head_dim)} channels do not divide this model's "
                               f"head dim {head_dim}; set KVQuant(value_group_size=...) to a divisor of {head_dim}")
+        if self.value_rotation and head_dim & (head_dim - 1):
+            raise ConfigError(f"value_rotation needs a power-of-two head dim, this model's is {head_dim}; "
+                              "set KVQuant(value_rotation=False)")
         if (head_dim * self.bits) % 8:
             raise ConfigError(f"head dim {head_dim} × {self.bits} bits does not pack into whole bytes")
 
@@ -78,5 +86,5 @@ class KVQuant(BaseConfig):
     def label(self) -> str:
         extra = (f"-vg{self.value_group_size}" if self.value_group_size else "") + (
             f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "") + (
-            "-m8" if self.meta_dtype == "int8" else "")
+            "-m8" if self.meta_dtype == "int8" else "") + ("-vrot" if self.value_rotation else "")
         return f"int{self.bits}-g{self.group_size}-r{self.residual}{extra}"

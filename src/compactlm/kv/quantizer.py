@@ -147,6 +147,28 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix (n, n) in fp32, n a power of two; symmetric, so H @ H = I.
+
+    Rotating each token's value channels by it before per-token quantization spreads outlier channels
+    over the whole head (QuaRot, Ashkboos et al., arXiv 2404.00456, §4: Hadamard-rotated KV cache).
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    key = (n, torch.device(device or "cpu"))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = (h / n ** 0.5).to(key[1])
+        _HADAMARD[key] = h
+    return h
+
+
 _LUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 

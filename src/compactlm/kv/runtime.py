@@ -120,7 +120,8 @@ def _builder(bits: int):
             config = KVQuant(bits=bits, **{k: _coerce(k, v) for k, v in options.items()})
         except TypeError as exc:
             raise ConfigError(f"kv:int{bits} option error ({exc}); KVQuant fields: bits, group_size, residual, "
-                              "sinks, pre_rope, value_group_size, meta_dtype, fused_attention, chunk_tokens") from None
+                              "sinks, pre_rope, value_group_size, meta_dtype, value_rotation, fused_attention, "
+                              "chunk_tokens") from None
         config.check_model(get_adapter(model).head_dim)
 
         def make_cache(model: nn.Module, prefill_cache):
