@@ -93,3 +93,14 @@ def test_kwargs_probe_stops_before_the_lm_head():
     # Still the full model's layer-0 inputs: the embeddings of every batch.
     with torch.no_grad():
         assert torch.equal(torch.cat(inputs), adapter.embed_tokens(_calib()))
+
+
+def test_gptq_groups_stop_before_their_last_linear_runs():
+    """GPTQ reads only inputs: a group's forward ends in the pre-hook of its last linear, so the down projection
+    runs only in the kwargs probe (one sample) and in the final propagation (one call per batch)."""
+    model = tiny_model("llama", seed=0)
+    adapter = get_adapter(model)
+    calls = []
+    adapter.linears(0)["mlp.down_proj"].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    compactlm.quantize(model, GPTQ(bits=4, group_size=16, batch_size=2), calib=_calib())
+    assert calls == [1, 2, 2, 2]

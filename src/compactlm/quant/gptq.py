@@ -131,6 +131,7 @@ class GPTQRun:
     """Per-run state for :func:`compactlm.layerwise.run` (Hessians, results): dropped after the run (STYLE 8)."""
 
     needs_reference_outputs = False
+    needs_linear_outputs = False  # the Hessian needs only each linear's inputs (the driver then skips the outputs)
 
     def __init__(self, cfg: GPTQ, bits_for: dict[str, int] | None = None):
         self.cfg = cfg
