@@ -69,9 +69,11 @@ def main() -> int:
     if args.method != "dense":
         config = build_config(args)
         calib = calibration_set(tok, "essays", nsamples=args.calib_samples, seqlen=512, seed=0)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = compactlm.prune(model, config, calib=calib)
+        # CPU seconds of this (1-thread) process: on a loaded machine, close to what an idle core would take.
         record.update(config=config.to_dict(), prune_seconds=time.perf_counter() - start,
+                      prune_cpu_seconds=time.process_time() - cpu,
                       overall_sparsity=report.overall_sparsity,
                       min_layer_sparsity=min(report.sparsity.values()),
                       max_layer_sparsity=max(report.sparsity.values()))
@@ -79,10 +81,11 @@ def main() -> int:
             record["swaps"] = sum(sum(r["swaps"].values()) for r in report.layer_records)
             record["reverted_blocks"] = sum(len(r.get("reverted", [])) for r in report.layer_records)
     record["peak_rss_mib_after_prune"] = peak_rss_mib()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = perplexity(model, tok, windows=args.windows, show_progress=False)
     record.update(ppl=result.ppl, protocol=result.protocol, tokens=result.tokens,
-                  eval_seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib(),
+                  eval_seconds=time.perf_counter() - start, eval_cpu_seconds=time.process_time() - cpu,
+                  peak_rss_mib=peak_rss_mib(),
                   command="python " + " ".join(shlex.quote(a) for a in sys.argv),
                   machine={**machine_info("fp32"), "note": args.note},
                   load_average={"start": load_start, "end": os.getloadavg()})

@@ -32,8 +32,9 @@ def main() -> int:
         row = []
         for s in settings:
             r = cell.get((s, m))
+            cpu = f", {r['prune_cpu_seconds']:.0f} s CPU" if r and "prune_cpu_seconds" in r else ""
             row.append("—" if r is None else
-                       f"{r['ppl']:.2f} ({r['prune_seconds']:.0f} s, {r['peak_rss_mib']:.0f} MiB)")
+                       f"{r['ppl']:.2f} ({r['prune_seconds']:.0f} s wall{cpu}, {r['peak_rss_mib']:.0f} MiB)")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     table = "\n".join(lines)
     print(table)
