@@ -283,3 +283,24 @@ def test_kv_store_on_other_families(family, ids):
     report = inspect(model, model, ids, InspectConfig(impact=False), candidate_runtime=_kv(2))
     names = {f"{adapter.layer_prefix(i)}.self_attn" for i in range(adapter.num_layers)}
     assert {o["name"] for o in report.operators if o["unit"]} == names
+
+
+@pytest.mark.parametrize("options", [{}, {"meta_dtype": "int8"}, {"value_rotation": True},
+                                     {"meta_dtype": "int8", "value_rotation": True, "sinks": 4}])
+def test_simulated_store_equals_what_the_cache_holds(options):
+    """The inspector's simulated store reproduces the cache's quantized rows for every storage format."""
+    from compactlm.inspector.runtime import simulate_store
+    from compactlm.kv.cache import QuantizedKVLayer
+
+    cfg = KVQuant(bits=2, group_size=16, residual=16, **options)
+    g = torch.Generator().manual_seed(0)
+    key, value = torch.randn(1, 2, 84, 16, generator=g), torch.randn(1, 2, 84, 16, generator=g)
+    layer = QuantizedKVLayer(cfg)
+    layer.update(key, value)
+    k_cache, v_cache = layer.materialize()
+    k_sim, v_sim = simulate_store(key, value, cfg)
+    stored = cfg.sinks + layer.qk.length  # sinks and the quantized store; the recent window is exact in both
+    assert layer.qk.length >= 48
+    torch.testing.assert_close(k_sim[..., :stored, :], k_cache[..., :stored, :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_sim[..., :stored, :], v_cache[..., :stored, :], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(v_sim[..., cfg.sinks:stored, :], value[..., cfg.sinks:stored, :])  # it did quantize

@@ -42,10 +42,10 @@ from ..config import BaseConfig, PerLayer
 from ..errors import ConfigError
 from ..kv.cache import _rope_for
 from ..kv.config import KVQuant
-from ..kv.quantizer import dequantize_groups, quantize_groups
+from ..kv.quantizer import META8, dequantize_groups, hadamard, quantize_groups
 from ..models.adapter import get_adapter
 
-_META = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_META = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": META8}
 
 
 # --- the math: tensors in, tensors out ---------------------------------------------------------------------
@@ -84,7 +84,14 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     if cfg.pre_rope:
         kq = rope(kq, pos, False)
     vg = cfg.value_group(d)
-    vq = dequantize_groups(*quantize_groups(value[..., s:s + n, :], cfg.bits, vg, -1, meta), vg, -1, value.dtype)
+    v = value[..., s:s + n, :]
+    if cfg.value_rotation:  # as the cache stores it: quantize v·H, read back dequant(v·H)·H (H symmetric orthonormal)
+        h = hadamard(d, value.device)
+        v = v.float() @ h
+    vq = dequantize_groups(*quantize_groups(v, cfg.bits, vg, -1, meta), vg, -1, torch.float32 if cfg.value_rotation
+                           else value.dtype)
+    if cfg.value_rotation:
+        vq = (vq @ h).to(value.dtype)
     k_out = torch.cat([key[..., :s, :], kq, key[..., s + n:, :]], -2)
     v_out = torch.cat([value[..., :s, :], vq, value[..., s + n:, :]], -2)
     return k_out, v_out
