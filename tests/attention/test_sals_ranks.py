@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -98,23 +100,26 @@ def test_layer_ranks_on_a_model(model):
     assert sum(r for r, _ in capped.values()) <= 16
 
 
-def test_energy_rank_full_is_exact_and_bytes_follow_ranks(model):
+
+def _decode(model, ids, new, cfg):
+    """Prefill ``ids`` then decode ``new`` one token at a time (under ``cfg``, or dense when None): logits, cache."""
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=model.config)
+    scope = sparse_attention(model, cfg) if cfg is not None else contextlib.nullcontext()
+    with torch.no_grad(), scope:
+        model(ids, cache=cache)
+        out = torch.cat([model(new[:, j:j + 1], cache=cache).logits for j in range(new.shape[1])], 1)
+    return out, cache
+
+def test_energy_rank_full_is_exact_and_bytes_follow_ranks(model):
     ids, new = torch.randint(3, 256, (1, 40)), torch.randint(3, 256, (1, 3))
     base = dict(score_dims=1.0, keep=1.0, sink=0, recent=1, dense_first=0, dense_last=0)
 
     def run(cfg):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad(), sparse_attention(model, cfg):
-            model(ids, cache=cache)
-            out = torch.cat([model(new[:, j:j + 1], cache=cache).logits for j in range(3)], 1)
-        return out, cache
+        return _decode(model, ids, new, cfg)
 
-    with torch.no_grad():
-        ref_cache = DynamicCache(config=model.config)
-        model(ids, cache=ref_cache)
-        ref = torch.cat([model(new[:, j:j + 1], cache=ref_cache).logits for j in range(3)], 1)
+    ref, _ = _decode(model, ids, new, None)
     out, _ = run(SALSConfig(rank="energy:1.0", **base))
     assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
 
@@ -139,21 +144,12 @@ def test_method_description_lists_layer_ranks(model):
 
 def test_exact_sink_and_recent_keys(model):
     """Compressed mode at a tiny rank, every token kept: exact keys for all slots give dense attention back."""
-    from transformers import DynamicCache
-
     ids, new = torch.randint(3, 256, (1, 30)), torch.randint(3, 256, (1, 4))
 
     def run(cfg):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad(), sparse_attention(model, cfg):
-            model(ids, cache=cache)
-            out = torch.cat([model(new[:, j:j + 1], cache=cache).logits for j in range(4)], 1)
-        return out, cache
+        return _decode(model, ids, new, cfg)
 
-    with torch.no_grad():
-        ref_cache = DynamicCache(config=model.config)
-        model(ids, cache=ref_cache)
-        ref = torch.cat([model(new[:, j:j + 1], cache=ref_cache).logits for j in range(4)], 1)
+    ref, _ = _decode(model, ids, new, None)
     base = dict(rank=2, score_dims=1.0, keep=1.0, sink=0, recent=1, dense_first=0, dense_last=0)
     lossy, plain_cache = run(SALSConfig(**base))
     assert not torch.allclose(lossy, ref, atol=1e-3)
