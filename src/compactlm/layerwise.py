@@ -274,6 +274,26 @@ def run(
     return report
 
 
+def run_batches(ctx: LayerContext, handles: list, stop: type[BaseException],
+                before_batch: Callable[[], None] | None = None) -> None:
+    """Run ``ctx``'s layer on every calibration batch with the hooks ``handles`` registered, then remove them.
+
+    A hook raises ``stop`` to end a batch's forward once it has what it needs (the rest of the layer is
+    wasted work); ``before_batch`` resets per-batch state.
+    """
+    try:
+        for x in ctx.inputs:
+            if before_batch is not None:
+                before_batch()
+            try:
+                ctx.run(x.to(ctx.device))
+            except stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _GroupDone(Exception):
     """Raised by a forward hook to end a layer's forward once a calibration group has its inputs."""
 
@@ -305,16 +325,7 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
 
     handles = [m.register_forward_pre_hook(collector(n)) if before else m.register_forward_hook(collector(n))
                for n, m in modules.items()]
-    try:
-        for x in ctx.inputs:
-            pending.update(modules)
-            try:
-                ctx.run(x.to(ctx.device))
-            except _GroupDone:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(ctx, handles, _GroupDone, before_batch=lambda: pending.update(modules))
     for name, module in modules.items():
         record = method.solve(name, module, stats[name], ctx)
         _check_finite(module.weight, f"the weight of {ctx.prefix}.{name} after solving")

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import ConfigError
+from ..layerwise import run_batches
 from ..registry import register
 from .common import PruneConfig, PruneRun, execute, parse_pattern
 from .wanda import Wanda
@@ -226,16 +227,8 @@ def capture_block(ctx, block: nn.Module) -> BlockCalls:
 
     handles = [block.register_forward_pre_hook(pre, with_kwargs=True),
                block.register_forward_hook(post, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            for x in ctx.inputs:
-                try:
-                    ctx.run(x.to(ctx.device))
-                except _StopAfterBlock:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        run_batches(ctx, handles, _StopAfterBlock)
     if len(outputs) != len(ctx.inputs):
         raise RuntimeError(f"{ctx.prefix}: the block {type(block).__name__} did not run once per calibration batch "
                            "in the layer's forward")
