@@ -42,11 +42,8 @@ from ..config import BaseConfig, PerLayer
 from ..errors import ConfigError
 from ..kv.cache import _rope_for
 from ..kv.config import KVQuant
-from ..kv.quantizer import META8, dequantize_groups, hadamard, quantize_groups
+from ..kv.quantizer import META_DTYPES, dequantize_groups, hadamard, quantize_groups
 from ..models.adapter import get_adapter
-
-_META = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": META8}
-
 
 # --- the math: tensors in, tensors out ---------------------------------------------------------------------
 
@@ -75,7 +72,7 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     n = (t - s) // cfg.group_size * cfg.group_size
     if n == 0:
         return key, value
-    meta = _META[cfg.meta_dtype]
+    meta = META_DTYPES[cfg.meta_dtype]
     k = key[..., s:s + n, :]
     pos = torch.arange(s, s + n, device=key.device, dtype=torch.int32)[None].expand(b, n)  # (B, n)
     if cfg.pre_rope:

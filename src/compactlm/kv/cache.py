@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import KVQuant
-from .quantizer import QuantizedKV, hadamard
+from .quantizer import META_DTYPES, QuantizedKV, hadamard
 
 Rope = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (k (B,H,T,D), positions (B,T), inverse)
 
@@ -48,8 +48,7 @@ class QuantizedKVLayer(DynamicLayer):
             raise ValueError("pre_rope=True needs the model's rotary embedding (build the cache from a model)")
         self.cfg = config
         self.rope = rope
-        self.meta_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-                           "int8": "int8"}[config.meta_dtype]  # "int8": quantizer.META8, the 2-byte format
+        self.meta_dtype = META_DTYPES[config.meta_dtype]
         self.sink_k = self.sink_v = None  # (B, H, S, D) full precision
         self.qk: QuantizedKV | None = None  # keys, grouped along tokens
         self.qv: QuantizedKV | None = None  # values, grouped along channels

@@ -28,6 +28,9 @@ import torch
 
 VALID_BITS = (2, 4, 8)
 META8 = "int8"  # meta_dtype of the 2-byte metadata format (uint8 log2 scale + int8 zero point)
+# KVQuant.meta_dtype name -> what quantize_groups takes as its meta_dtype (the cache and the inspector's simulation).
+META_DTYPES: dict[str, torch.dtype | str] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                                             "int8": META8}
 _LOG_STEPS = 8  # scale codes per octave
 _LOG_BIAS = 128  # scale code of 2^0: scales 2^-16 .. 2^15.875
 _ZERO_STEPS = 4  # zero-point units per scale step
