@@ -90,14 +90,9 @@ class LayerContext:
         return _first_tensor(self.layer(hidden, **self.kwargs))
 
     @torch.no_grad()
-    def forward_all(self, keep: bool = True) -> list[torch.Tensor]:
-        """Forward every calibration batch; return the outputs on CPU (or nothing with ``keep=False``)."""
-        outs = []
-        for x in self.inputs:
-            y = self.run(x.to(self.device))
-            if keep:
-                outs.append(y.to("cpu"))
-        return outs
+    def forward_all(self) -> list[torch.Tensor]:
+        """Forward every calibration batch; return the outputs on CPU."""
+        return [self.run(x.to(self.device)).to("cpu") for x in self.inputs]
 
     @torch.no_grad()
     def forward_in_place(self) -> None:
