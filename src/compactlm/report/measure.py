@@ -107,11 +107,11 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
 
     casts: dict[str, tuple[nn.Module, nn.Module, RuntimeMethod]] = {}
 
-    def cast_pair(name: str, reference: nn.Module) -> tuple[nn.Module, nn.Module, RuntimeMethod]:
+    def cast_pair(name: str) -> tuple[nn.Module, nn.Module, RuntimeMethod]:
         if name not in casts:
             casts.clear()  # at most one pair alive at a time
             dt = parse_dtype(name)
-            b = copy.deepcopy(reference).to(dt)
+            b = copy.deepcopy(base).to(dt)
             c = copy.deepcopy(model).to(dt)
             casts[name] = (b, c, recipe_method(c, recipe, name=recipe.name))
         return casts[name]
@@ -121,7 +121,7 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
 
         log(f"RULER-syn ({ev.ruler_dtype}) lengths {list(ev.ruler_lengths)}, {ev.ruler_samples} samples x "
             f"{list(ev.ruler_tasks)}")
-        rbase, rmodel, rmethod = cast_pair(ev.ruler_dtype, base)
+        rbase, rmodel, rmethod = cast_pair(ev.ruler_dtype)
         rb = run_ruler(rbase, tokenizer, [], lengths=list(ev.ruler_lengths), samples=ev.ruler_samples,
                        tasks=ev.ruler_tasks)
         rc = run_ruler(rmodel, tokenizer, [] if method is FULL else [rmethod], lengths=list(ev.ruler_lengths),
@@ -137,12 +137,10 @@ def measure(model_spec: str, dtype: str, model: nn.Module, tokenizer: Any, recip
         log(f"memory and speed ({ev.speed_dtype}): {ev.speed_prefill}-token prefill, {ev.speed_decode} greedy decode "
             "tokens")
         ids = eval_windows(tokenizer, "wiki", ev.speed_prefill + 1, 1)[:1]
-        sbase, fast, fast_method = cast_pair(ev.speed_dtype, base)
+        sbase, fast, fast_method = cast_pair(ev.speed_dtype)
         out["speed"] = {"dtype": ev.speed_dtype,
                         "base": memory_and_speed(sbase, FULL, ids, ev.speed_decode),
                         "weights_only": memory_and_speed(fast, FULL, ids, ev.speed_decode),
                         "compressed": memory_and_speed(fast, fast_method, ids, ev.speed_decode),
                         "note": f"one run each, {ev.speed_dtype}, in this process"}
-    casts.clear()
-    del base
     return out
