@@ -26,50 +26,30 @@ import time
 import torch
 
 import compactlm
+from compactlm.config import config_from_options, parse_spec
 from compactlm.data import calibration_set, eval_windows
 from compactlm.evaluation import perplexity
 from compactlm.quant import APTQ, GPTQ, RTN, quant_summary
 from compactlm.utils import machine_info, peak_rss_mib, write_json_atomic
 
 
-def _parse_overrides(parts: list[str]) -> dict:
-    """``field=value`` overrides after ``@`` (``@sensitivity_quantizer=rtn@clip_search=true``); values parse as
-    bool, int, float or str."""
-    out = {}
-    for part in parts:
-        key, sep, raw = part.partition("=")
-        if not sep:
-            raise SystemExit(f"override {part!r} must be field=value")
-        low = raw.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-        else:
-            try:
-                out[key] = int(raw)
-            except ValueError:
-                try:
-                    out[key] = float(raw)
-                except ValueError:
-                    out[key] = raw
-    return out
-
-
 def make_config(setting: str, group_size: int):
-    head, *overrides = setting.split("@")
-    extra = _parse_overrides(overrides)
+    """``gptq:3``, ``aptq:2.5:234``, with ``@field=value`` overrides typed from the config's fields
+    (``gptq:3@clip_search=true``, ``aptq:2.5:234@sensitivity_quantizer=rtn``)."""
+    head, extra = parse_spec(setting)
     kind, _, value = head.partition(":")
     if kind == "rtn":
-        return RTN(bits=int(value), group_size=group_size, **extra)
+        return config_from_options(RTN, {"bits": value, "group_size": group_size, **extra})
     if kind == "gptq":
-        return GPTQ(bits=int(value), group_size=group_size, **extra)
+        return config_from_options(GPTQ, {"bits": value, "group_size": group_size, **extra})
     if kind in ("aptq", "aptqlayer", "aptqplain"):
         avg, _, menu = value.partition(":")
-        options = {"bits_menu": tuple(int(c) for c in menu)} if menu else {}
+        options = {"bits_menu": ",".join(menu)} if menu else {}
         if kind == "aptqlayer":  # ablation: the local Hessian-trace sensitivity
             options["sensitivity"] = "layer"
         if kind == "aptqplain":  # ablation: APTQ allocation with plain GPTQ Hessians for q/k/v
             options["attention_aware"] = False
-        return APTQ(avg_bits=float(avg), group_size=group_size, **{**options, **extra})
+        return config_from_options(APTQ, {"avg_bits": avg, "group_size": group_size, **options, **extra})
     raise SystemExit(f"unknown setting {setting!r}")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from typing import Any, ClassVar
 
 from .errors import ConfigError
@@ -111,3 +113,114 @@ class PerLayer(BaseConfig):
             elif key == module_name:
                 return cfg
         return self.configs.get("_default")
+
+
+# --- option strings -> typed config fields ---------------------------------------------------------------
+# CLI flags, recipe overrides and runner specs (``--kv int2@sinks=16``, ``--attn sals@keep=1/16``,
+# ``gptq:3@clip_search=true``) arrive as strings. One converter reads each dataclass field's annotation, so
+# every config parses the same way and a new field needs no parsing code.
+
+_TRUE, _FALSE, _NONE = ("true", "yes", "on"), ("false", "no", "off"), ("none", "null")
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _describe(hint: Any) -> str:
+    """What a value of ``hint`` looks like, in a user's words (``a number or none``)."""
+    members = [m for m in _members(hint) if m is not type(None)]
+    if members == [int]:
+        words = "a whole number"
+    elif members == [bool]:
+        words = "true or false"
+    elif members and all(m in (int, float) for m in members):
+        words = "a number (fractions such as 1/8 too)"
+    else:
+        words = " or ".join(getattr(m, "__name__", str(m)) for m in members)
+    return words + (" or none" if type(None) in _members(hint) else "")
+
+
+def _convert(hint: Any, text: str) -> Any:
+    """``text`` as a value of ``hint``; raises ValueError when no member of the annotation accepts it."""
+    members = _members(hint)
+    low = text.strip().lower()
+    if type(None) in members and low in _NONE + ("",):
+        return None
+    for member in members:  # the most specific reading first: bool, int, float, containers, then str
+        if member is bool and low in _TRUE + _FALSE:
+            return low in _TRUE
+    for member in members:
+        if member is int and re.fullmatch(r"[+-]?\d+", low):
+            return int(low)
+    for member in members:
+        if member is float:
+            try:
+                if "/" in low:  # fractions such as keep=1/8
+                    num, den = low.split("/")
+                    return float(num) / float(den)
+                return float(low)
+            except (ValueError, ZeroDivisionError):
+                pass
+    for member in members:
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if origin in (tuple, list):
+            item = args[0] if args else str
+            parts = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+            return origin(_convert(item, t) for t in parts)
+        if origin is dict:
+            key_t, val_t = args if args else (str, str)
+            out = {}
+            for pair in (t for t in text.split(",") if t.strip()):
+                key, sep, val = pair.rpartition(":")
+                if not sep:
+                    raise ValueError(f"is not a KEY:VALUE list (entry {pair!r})")
+                out[_convert(key_t, key)] = _convert(val_t, val)
+            return out
+    if str in members or any(m is Any for m in members):
+        return text.strip()
+    raise ValueError(f"is not {_describe(hint)}")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def config_from_options(cls: type, options: dict[str, Any], *, what: str | None = None) -> Any:
+    """Build ``cls`` from CLI-style options: strings become each field's annotated type, other values pass.
+
+    Accepted spellings: ``true/false/yes/no/on/off`` for bools, ``none``/``null`` for optional fields,
+    integers, floats and fractions (``1/8``) for numbers, comma- or space-separated lists for tuples,
+    ``KEY:VALUE,...`` for dicts; anything else stays a string for the config to validate. ``-`` in option
+    names reads as ``_``. Unknown names and unconvertible values raise a ConfigError naming ``what``.
+    """
+    what = what or cls.__name__
+    types_ = field_types(cls)
+    kwargs = {}
+    for raw_name, value in options.items():
+        name = raw_name.replace("-", "_")
+        if name not in types_:
+            raise ConfigError(f"{what} has no option {raw_name!r}; its options are {', '.join(sorted(types_))}")
+        if isinstance(value, str):
+            try:
+                value = _convert(types_[name], value)
+            except ValueError as exc:
+                raise ConfigError(f"{what} option {name}={value!r} {exc}") from None
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"int2@sinks=16@group_size=64"`` -> ``("int2", {"sinks": "16", "group_size": "64"})``."""
+    name, *parts = spec.strip().split("@")
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"option {part!r} in {spec!r} must be FIELD=VALUE (e.g. {name}@group_size=64)")
+        options[key.strip()] = value.strip()
+    return name.strip(), options

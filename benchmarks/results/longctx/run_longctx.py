@@ -30,17 +30,18 @@ import time
 
 
 def _methods(model, kv: str | None, attn: str | None):
+    from compactlm.config import parse_spec
     from compactlm.evaluation.methods import build_method
 
     out = []
     for kind, names in (("kv", kv), ("attn", attn)):
         for spec in (x.strip() for x in (names or "").split(",") if x.strip()):
             # "name@field=value@field=value" builds a variant with options, labelled by the whole spec
-            # (attention methods parse the numbers; e.g. "sals-25@keep=1.0" is SALS without selection).
-            n, *opts = spec.split("@")
+            # (each config types the strings; e.g. "sals-25@keep=1.0" is SALS without selection).
+            n, opts = parse_spec(spec)
             if n in ("full", "none"):
                 continue
-            m = build_method(model, kind, n, dict(o.split("=", 1) for o in opts))
+            m = build_method(model, kind, n, opts)
             if opts:
                 m.name = spec
             out.append(m)

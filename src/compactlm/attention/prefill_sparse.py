@@ -23,7 +23,6 @@ blocks holding that share of the estimated mass, unioned over the KV head's quer
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections import Counter
@@ -349,29 +348,17 @@ def chunked_prefill(model, input_ids: torch.Tensor, chunk_size: int, cache=None)
 
 
 def config_from_options(options: dict) -> SparsePrefillConfig:
-    """Build a config from CLI-style options (strings are converted to the field's type)."""
-    fields = {f.name: f for f in dataclasses.fields(SparsePrefillConfig)}
-    unknown = set(options) - set(fields)
-    if unknown:
-        raise ConfigError(f"sparse-prefill has no option(s) {sorted(unknown)}; options are {sorted(fields)}")
-    kwargs = {}
-    for name, value in options.items():
-        if isinstance(value, str):
-            if name == "dense_layers":
-                value = tuple(int(x) for x in value.replace(",", " ").split())
-            elif name in ("score", "impl"):
-                pass
-            elif value.lower() in ("none", ""):
-                value = None
-            else:
-                try:
-                    value = float(value) if name in ("keep_ratio", "threshold") else int(value)
-                except ValueError:
-                    raise ConfigError(f"sparse-prefill option {name}={value!r} is not a number") from None
-        kwargs[name] = value
-    if "threshold" in kwargs and kwargs["threshold"] is not None and "keep_ratio" not in kwargs:
-        kwargs["keep_ratio"] = None  # asking for a threshold replaces the default keep ratio
-    return SparsePrefillConfig(**kwargs)
+    """Build a config from CLI-style options (``compactlm.config.config_from_options`` types the strings).
+
+    Asking for a ``threshold`` without a ``keep_ratio`` replaces the default keep ratio, since the two
+    budgets are exclusive.
+    """
+    from ..config import config_from_options as typed_config
+
+    options = dict(options)
+    if options.get("threshold") not in (None, "none", "None") and "keep_ratio" not in options:
+        options["keep_ratio"] = None
+    return typed_config(SparsePrefillConfig, options, what="sparse-prefill")
 
 
 def _register_method() -> None:

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config import config_from_options as _typed_config
 from ..errors import ConfigError
 from ..evaluation.methods import RuntimeMethod, register_method
 from ..kernels.sparse_decode import DecodeBuffers, SelectParams, sals_decode
@@ -256,33 +257,11 @@ def describe_ranks(cfg: SALSConfig, projections: SALSProjections, num_layers: in
 
 
 def config_from_options(cls: type, options: dict[str, Any]) -> Any:
-    """Build a config from CLI/runner options, with numbers parsed and unknown names refused."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(options) - names - {"tokenizer"}
-    if unknown:
-        raise ConfigError(f"{cls.__name__} has no option(s) {sorted(unknown)}; options are {sorted(names)}")
-    kwargs = {}
-    for key, value in options.items():
-        if key == "tokenizer":
-            continue
-        if key == "rank" and isinstance(value, str) and value.strip().startswith("energy"):
-            value = value.strip()  # 'energy:τ', checked by SALSConfig
-        elif isinstance(value, str) and key not in ("mode", "pool", "block_reduce", "projections", "score_rope"):
-            value = _parse_number(key, value)
-        kwargs[key] = value
-    return cls(**kwargs)
+    """Build a SALS or baseline config from CLI/runner options (``compactlm.config.config_from_options``).
 
-
-def _parse_number(key: str, text: str) -> Any:
-    if key == "dense_layers":
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            return float(num) / float(den)
-        return int(text) if text.lstrip("-").isdigit() else float(text)
-    except ValueError:
-        raise ConfigError(f"option {key}={text!r} is not a number") from None
+    The runners also pass ``tokenizer`` (for calibrating projections), which is not a config field.
+    """
+    return _typed_config(cls, {k: v for k, v in options.items() if k != "tokenizer"})
 
 
 # CLI names: ``--attn sals`` (rank 25 %), ``sals-12.5`` (rank 12.5 %), ``sals-index`` (full keys kept);

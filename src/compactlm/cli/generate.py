@@ -13,8 +13,10 @@ def register(groups) -> None:
                               description="Greedy generation with the chat template where the model has one. Only the "
                                           "generated text goes to stdout; everything else to stderr.")
     add_common(p, json_out=False)
-    p.add_argument("--kv", default=None, help="KV-cache method: int2, int4, int8 or full (default)")
-    p.add_argument("--attn", default=None, help="runtime attention method registered as attn:<name>")
+    p.add_argument("--kv", default=None, help="KV-cache method: int2, int4, int8 or full (default); options as "
+                                              "int2@sinks=16@group_size=64")
+    p.add_argument("--attn", default=None, help="runtime attention method registered as attn:<name>; options as "
+                                                "sals@keep=1/16")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")

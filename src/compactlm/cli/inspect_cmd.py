@@ -92,7 +92,8 @@ def _load_pair(args, share: bool = False):
 
 
 def _options(pairs: list[str], flag: str) -> dict:
-    """``KEY=VALUE`` strings to a dict; numbers, true/false and none are converted."""
+    """``KEY=VALUE`` strings to a dict of strings; each config types them from its fields
+    (``compactlm.config.config_from_options``)."""
     from ..errors import ConfigError
 
     out = {}
@@ -100,20 +101,7 @@ def _options(pairs: list[str], flag: str) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        low = text.lower()
-        if low in ("true", "false"):
-            value = low == "true"
-        elif low == "none":
-            value = None
-        else:
-            try:
-                value = int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = text
-        out[key.replace("-", "_")] = value
+        out[key.replace("-", "_")] = text
     return out
 
 
@@ -145,11 +133,10 @@ def _runtime(args, cand) -> list:
 
         if args.kv not in ("int2", "int4", "int8"):
             raise ConfigError(f"--kv takes int2, int4 or int8, got {args.kv!r}")
-        try:
-            items.append(KVQuant(bits=int(args.kv[3:]), **_options(args.kv_opt, "--kv-opt")))
-        except TypeError as exc:
-            raise ConfigError(f"--kv-opt: {exc}; KVQuant fields: group_size, residual, sinks, pre_rope, "
-                              "value_group_size, meta_dtype") from None
+        from ..config import config_from_options as typed_config
+
+        items.append(typed_config(KVQuant, {**_options(args.kv_opt, "--kv-opt"), "bits": int(args.kv[3:])},
+                                  what="--kv-opt"))
     elif args.kv_opt:
         raise ConfigError("--kv-opt needs --kv int2|int4|int8")
     if args.attn:

@@ -133,27 +133,40 @@ def resolve_methods(model: nn.Module, kv: str | None = None, attn: str | None = 
                     attn_options: dict[str, Any] | None = None) -> list[RuntimeMethod]:
     """``--kv A,B`` / ``--attn C,D`` -> the RuntimeMethods to run; both given -> every kv×attn combination.
 
+    Each name may carry its own typed options: ``int2@sinks=16@group_size=64``, ``sals@keep=1/16``.
+
     A combination attaches both and decodes with the kv method's cache, so the attention method sees
     the keys/values the quantized cache returns; the kv method is built with ``fused_attention=False``
     so that only the attention method installs attention handlers.
     """
+    from ..config import parse_spec
     from ..errors import ConfigError
     from .methods import _copy_cache, build_method
 
-    kv_names = [n.strip() for n in (kv or "").split(",") if n.strip() and n.strip() not in ("full", "none")]
-    attn_names = [n.strip() for n in (attn or "").split(",") if n.strip() and n.strip() not in ("full", "none")]
-    if not attn_names:
-        return [build_method(model, "kv", n, kv_options) for n in kv_names]
-    attn_methods = [build_method(model, "attn", n, attn_options) for n in attn_names]
-    if not kv_names:
+    def specs(text: str | None, common: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+        # NAME@FIELD=VALUE options belong to that name alone; kv_options/attn_options apply to every name.
+        out = []
+        for spec in (s for s in (text or "").split(",") if s.strip()):
+            name, options = parse_spec(spec)
+            if name not in ("full", "none"):
+                out.append((name, {**(common or {}), **options}))
+            elif options:
+                raise ConfigError(f"{spec!r}: full attention / the full-precision cache takes no options")
+        return out
+
+    kv_specs, attn_specs = specs(kv, kv_options), specs(attn, attn_options)
+    if not attn_specs:
+        return [build_method(model, "kv", n, o) for n, o in kv_specs]
+    attn_methods = [build_method(model, "attn", n, o) for n, o in attn_specs]
+    if not kv_specs:
         return attn_methods
     out = []
     for a in attn_methods:
         if a.make_cache is not _copy_cache:
             raise ConfigError(f"--attn {a.name} manages its own cache, so it cannot be combined with --kv; "
                               "run them separately")
-        for n in kv_names:
-            k = build_method(model, "kv", n, {**(kv_options or {}), "fused_attention": False})
+        for n, o in kv_specs:
+            k = build_method(model, "kv", n, {**o, "fused_attention": False})
             out.append(_combined(k, a))
     return out
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..attention.runtime import attention_override
+from ..config import config_from_options
 from ..errors import ConfigError
 from ..evaluation.methods import RuntimeMethod, register_method
 from ..models.adapter import get_adapter
@@ -99,29 +100,11 @@ def kv_cache(model: nn.Module, config: KVQuant | None = None) -> Iterator[KVSess
         session.close()
 
 
-def _coerce(name: str, value):
-    """``"16"`` -> 16, ``"true"`` -> True, ``"none"`` -> None for the option strings ``--kv int2@sinks=16`` gives."""
-    if not isinstance(value, str):
-        return value
-    low = value.strip().lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(low)
-    except ValueError:
-        return value  # strings such as meta_dtype; KVQuant validates them
-
-
 def _builder(bits: int):
     def build(model: nn.Module, options: dict) -> RuntimeMethod:
-        try:
-            config = KVQuant(bits=bits, **{k: _coerce(k, v) for k, v in options.items()})
-        except TypeError as exc:
-            raise ConfigError(f"kv:int{bits} option error ({exc}); KVQuant fields: bits, group_size, residual, "
-                              "sinks, pre_rope, value_group_size, meta_dtype, value_rotation, fused_attention, "
-                              "chunk_tokens") from None
+        if "bits" in options:
+            raise ConfigError(f"kv:int{bits} fixes bits={bits}; pick the kv:intN method of the width you want")
+        config = config_from_options(KVQuant, {"bits": bits, **options}, what=f"kv:int{bits}")
         config.check_model(get_adapter(model).head_dim)
 
         def make_cache(model: nn.Module, prefill_cache):
