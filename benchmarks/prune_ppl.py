@@ -32,8 +32,32 @@ def build_config(args):
 
     spec = {"pattern": args.pattern} if args.pattern else {"sparsity": args.sparsity}
     if args.method == "barber":
-        return METHODS["barber"](init=METHODS[args.init](**spec), rebuild_ratio=args.rebuild_ratio, group=args.group)
+        extra = {"criterion": args.criterion} if args.criterion else {}
+        if args.search_ratios:
+            extra["search_ratios"] = tuple(float(r) for r in args.search_ratios.split(","))
+        return METHODS["barber"](init=METHODS[args.init](**spec), rebuild_ratio=args.rebuild_ratio, group=args.group,
+                                 **extra)
     return METHODS[args.method](**spec)
+
+
+def quantize(model, calib) -> dict:
+    """W4 GPTQ g64 (act-order, asymmetric) after pruning; GPTQ keeps the pruned weights at exactly 0."""
+    import compactlm
+    from compactlm.modules.packed_linear import PackedLinear
+    from compactlm.quant.gptq import GPTQ
+
+    config = GPTQ(bits=4, group_size=64, respect_sparsity=True)
+    start, cpu = time.perf_counter(), time.process_time()
+    compactlm.compress(model, config, calib=calib)
+    zeros = total = 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            w = module.dequantize_weight()
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    if total == 0:
+        raise RuntimeError("GPTQ packed no linear: nothing was quantized")
+    return {"config": config.to_dict(), "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu, "sparsity_after_quant": zeros / total}
 
 
 def main() -> int:
@@ -45,10 +69,14 @@ def main() -> int:
     p.add_argument("--pattern", default=None)
     p.add_argument("--rebuild-ratio", type=float, default=0.01)
     p.add_argument("--group", default="row")
+    p.add_argument("--criterion", default=None, choices=["gradient", "taylor"])
+    p.add_argument("--search-ratios", default=None, help="Barber's search_ratios, comma-separated, e.g. 0.01,0.1")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="quick")
+    p.add_argument("--quantize", default=None, choices=["w4-gptq-g64"],
+                   help="after pruning, quantize with GPTQ (mask respected: pruned weights stay exactly 0)")
     p.add_argument("--note", default="2 cores shared with the lead engineer's quantization benchmarks and another "
                    "engineer's jobs (loaded); see load_average")
     args = p.parse_args()
@@ -64,6 +92,10 @@ def main() -> int:
     model, tok = compactlm.models.load(args.model, dtype="fp32")
     setting = args.pattern or f"{round(100 * (args.sparsity if args.sparsity is not None else 0.5))}pct"
     method = args.method if args.method != "barber" else f"barber-{args.init}"
+    if args.method == "barber" and args.criterion:
+        method += f"-{args.criterion}"
+    if args.quantize:
+        method += f"+{args.quantize}"
     record = {"model": args.model, "method": method, "setting": setting,
               "calibration": calib_name(args.calib_samples)}
     if args.method != "dense":
@@ -80,6 +112,11 @@ def main() -> int:
         if args.method == "barber":
             record["swaps"] = sum(sum(r["swaps"].values()) for r in report.layer_records)
             record["reverted_blocks"] = sum(len(r.get("reverted", [])) for r in report.layer_records)
+            ratios = [v for r in report.layer_records for v in r.get("ratio", {}).values()]
+            if ratios:  # search_ratios: which ratio each rebuilt block kept
+                record["chosen_ratios"] = {str(x): ratios.count(x) for x in sorted(set(ratios))}
+        if args.quantize:
+            record.update(quantize=quantize(model, calib))
     record["peak_rss_mib_after_prune"] = peak_rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
     result = perplexity(model, tok, windows=args.windows, show_progress=False)

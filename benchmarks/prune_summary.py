@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["magnitude", "wanda", "barber-wanda", "sparsegpt", "barber-sparsegpt", "barber-magnitude"]
+ORDER = ["magnitude", "wanda", "barber-wanda", "barber-wanda-taylor", "sparsegpt", "barber-sparsegpt",
+         "barber-sparsegpt-taylor", "barber-magnitude", "wanda+w4-gptq-g64", "sparsegpt+w4-gptq-g64"]
 SETTINGS = ["30pct", "50pct", "2:4", "4:8"]
 
 

@@ -25,6 +25,9 @@ def register(groups) -> None:
                    help="barber only: fraction of each group's profitable swaps to make (paper code: 0.01 per row "
                         "after Wanda, 0.1 per matrix/block after SparseGPT/magnitude)")
     p.add_argument("--group", default="row", choices=["row", "layer", "block"], help="barber only: swap group")
+    p.add_argument("--criterion", default=None, choices=["gradient", "taylor"],
+                   help="barber only: swap score: gradient = the paper's |W|*sqrt(E[g^2]); taylor = predicted "
+                        "change of the block loss (gradient + diagonal Gauss-Newton term)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="never prune linears whose full name matches (repeatable)")
     p.add_argument("--targets", action="append", default=[], metavar="REGEX",
@@ -47,7 +50,8 @@ def build_config(args):
     common = dict(spec, targets=tuple(args.targets), ignore=tuple(args.ignore))
     if args.method == "barber":
         init = METHODS[args.init](**common, **({"scope": args.scope} if not args.pattern else {}))
-        return METHODS["barber"](init=init, rebuild_ratio=args.rebuild_ratio, group=args.group)
+        extra = {"criterion": args.criterion} if args.criterion else {}
+        return METHODS["barber"](init=init, rebuild_ratio=args.rebuild_ratio, group=args.group, **extra)
     return METHODS[args.method](**common, **({"scope": args.scope} if not args.pattern else {}))
 
 

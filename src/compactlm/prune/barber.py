@@ -42,6 +42,7 @@ from .common import PruneConfig, PruneRun, execute, parse_pattern
 from .wanda import Wanda
 
 GROUPS = ("row", "layer", "block")
+CRITERIA = ("gradient", "taylor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +57,23 @@ class Barber(BaseConfig):
         the block's stays exact).
     guard: keep the initial mask of a block when the rebuilt one has a larger block error on the calibration
         data (not in the paper; costs one block forward; the report lists reverted blocks).
+    criterion: how a swap is scored. ``"gradient"``: the paper's S = |W_dense|·sqrt(E[g²]) (§3.3), pruned and
+        kept weights ranked as two independent lists. ``"taylor"``: the predicted change of the block loss,
+        first-order G·Δw plus the diagonal Gauss-Newton term ½·D·Δw², at the sparse weights
+        (:func:`taylor_scores`; a deviation from the paper, see there and docs/pruning.md for why).
+    search_ratios: when given, each of these ratios replaces ``rebuild_ratio`` in turn and the block keeps the
+        rebuilt mask whose block error on the calibration data is lowest (with ``guard``: or its initial mask
+        when none is lower). A backtracking line search on the step length (Nocedal & Wright, Numerical
+        Optimization, §3.1): the swap scores come from a local model of the block loss, which many simultaneous
+        swaps leave, so how many to make is decided by the loss itself. Costs one block forward per ratio.
     """
 
     init: PruneConfig = dataclasses.field(default_factory=Wanda)
     rebuild_ratio: float = 0.01
     group: str = "row"
     guard: bool = True
+    criterion: str = "gradient"
+    search_ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.init, Barber) or not isinstance(self.init, PruneConfig):
@@ -71,10 +83,19 @@ class Barber(BaseConfig):
                 or not 0.0 < float(self.rebuild_ratio) <= 1.0:
             raise ConfigError(f"rebuild_ratio must be in (0, 1]: the fraction of the profitable swaps to make, e.g. "
                               f"0.01 (the paper's code); got {self.rebuild_ratio!r}")
+        if isinstance(self.search_ratios, str) or not isinstance(self.search_ratios, tuple | list) or any(
+                isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 < float(r) <= 1.0
+                for r in self.search_ratios):
+            raise ConfigError(f"search_ratios must be a tuple of fractions in (0, 1], e.g. (0.001, 0.01, 0.1), or () "
+                              f"for the single rebuild_ratio; got {self.search_ratios!r}")
+        object.__setattr__(self, "search_ratios", tuple(float(r) for r in self.search_ratios))
         if not isinstance(self.guard, bool):
             raise ConfigError(f"guard must be True or False, got {self.guard!r}")
         if self.group not in GROUPS:
             raise ConfigError(f"group must be one of {GROUPS}, got {self.group!r}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"criterion must be one of {CRITERIA} ('gradient' = the paper's |W|·sqrt(E[g²]), "
+                              f"'taylor' = second-order block-loss change), got {self.criterion!r}")
 
     # Barber prunes to exactly what its init asks for: these mirror PruneConfig.
     @property
@@ -181,6 +202,30 @@ def barber_scores(dense_weight: torch.Tensor, grad_sq_mean: torch.Tensor) -> tor
     return dense_weight.abs().float() * grad_sq_mean.float().sqrt()
 
 
+def taylor_scores(keep: torch.Tensor, sparse_weight: torch.Tensor, dense_weight: torch.Tensor, grad: torch.Tensor,
+                  curvature: torch.Tensor, drop_gradient: bool = False) -> torch.Tensor:
+    """Swap scores from a second-order Taylor model of the block loss L around the current sparse weights.
+
+    With G = ∂L/∂W and D ≈ diag(∂²L/∂W²) at the sparse weights (both (out, in)), reviving a pruned weight p
+    (0 -> w_p, its dense value) changes L by ΔL_p = G_p·w_p + ½·D_p·w_p². Dropping a kept weight k (s_k -> 0)
+    costs its OBD saliency ΔL_k = ½·D_k·s_k² (LeCun et al. 1990; SparseGPT §3.1's w²/[H⁻¹]_kk with a diagonal
+    H), i.e. a drop is never predicted to help. With ``drop_gradient`` the drop also gets its first-order term
+    −G_k·s_k. Why it is off by default: each single-drop prediction is accurate, but at the sparse point every
+    kept weight of a row that carries the pruned weights' residual claims the same first-order credit for
+    shrinking it; the diagonal model adds those credits up, and swapping several at once overshoots (measured on
+    the default model, Wanda 50 %: the block error of layer 0's attention grew 92× at ratio 0.01, and a line
+    search found no ratio that lowered it in most blocks; benchmarks/results/prune/barber_variants_wanda_50pct.json).
+    Returned: −ΔL_p on pruned and ΔL_k on kept positions, so :func:`rebuild_masks` (best pruned vs worst kept)
+    pairs the largest predicted loss drops with the cheapest drops, and a pair is profitable exactly when
+    ΔL_p + ΔL_k < 0 (diagonal model: cross terms ignored).
+    """
+    w, s = dense_weight.float(), sparse_weight.float()
+    g, d = grad.float(), curvature.float()
+    revive = g * w + 0.5 * d * w * w  # ΔL of bringing back a pruned weight at its dense value
+    drop = 0.5 * d * s * s - (g * s if drop_gradient else 0.0)  # ΔL of zeroing a kept weight
+    return torch.where(keep, drop, -revive)
+
+
 # --- plugging into the layer-wise driver ---------------------------------------------------------------------------
 class _StopAfterBlock(Exception):
     pass
@@ -251,6 +296,7 @@ class BarberRun(PruneRun):
         self.init = config.init.make_run(keep_dense=True)
         self.true_sequential = self.init.true_sequential
         self.swaps_total = 0
+        self.last_ratio = float(config.rebuild_ratio)  # the ratio the last rebuilt block kept (search_ratios)
 
     def new_stats(self, name, module):
         return self.init.new_stats(name, module)
@@ -271,6 +317,8 @@ class BarberRun(PruneRun):
             if mods:
                 swaps, before, after, reverted = self._rebuild_block(ctx, block, mods)
                 record["swaps"][label] = swaps
+                if self.config.search_ratios:
+                    record.setdefault("ratio", {})[label] = self.last_ratio
                 record[f"{label}_block_mse"] = [before, after]
                 if reverted:
                     record.setdefault("reverted", []).append(label)
@@ -282,16 +330,35 @@ class BarberRun(PruneRun):
         dense, keeps = self.init.dense, self.init.masks
         captured = capture_block(ctx, block)  # sparse inputs and the sparse block's outputs (§3.2)
         sparse = {n: m.weight.detach().clone() for n, m in mods.items()}
-        grad_sq, seen, before, dense_out = self._dense_gradients(block, mods, captured)
-        scores = {n: barber_scores(dense[n], grad_sq[n] / max(seen, 1)) for n in mods}
-        new_keeps, swaps = rebuild_masks({n: keeps[n] for n in mods}, scores, float(self.config.rebuild_ratio),
-                                         self.config.group, self.config.nm)
+        if self.config.criterion == "gradient":
+            grad_sq, seen, before, dense_out = self._dense_gradients(block, mods, captured)
+            scores = {n: barber_scores(dense[n], grad_sq[n] / max(seen, 1)) for n in mods}
+        else:
+            with torch.no_grad():
+                for n, m in mods.items():
+                    m.weight.copy_(dense[n])
+                dense_out = block_outputs(block, captured)  # §3.2 targets: the dense block on the sparse inputs
+                for n, m in mods.items():
+                    m.weight.copy_(sparse[n])
+            grad, curv, _, before = block_taylor_statistics(block, mods, captured, dense_out)
+            scores = {n: taylor_scores(keeps[n], sparse[n], dense[n], grad[n], curv[n]) for n in mods}
+        best: tuple[float, dict[str, torch.Tensor], int, float] | None = None
         with torch.no_grad():
+            for ratio in self.config.search_ratios or (float(self.config.rebuild_ratio),):
+                new_keeps, swaps = rebuild_masks({n: keeps[n] for n in mods}, scores, ratio, self.config.group,
+                                                 self.config.nm)
+                for n, m in mods.items():
+                    # Kept weights stay as the initial method left them, revived ones take their dense value (§3).
+                    w = torch.where(keeps[n], sparse[n], dense[n])
+                    m.weight.copy_(w * new_keeps[n].to(w.dtype))
+                after = _block_mse(block, captured, dense_out)
+                if best is None or after < best[0]:
+                    best = (after, new_keeps, swaps, ratio)
+            after, new_keeps, swaps, ratio = best
+            self.last_ratio = ratio
             for n, m in mods.items():
-                # Kept weights stay as the initial method left them, revived ones take their dense value (§3).
                 w = torch.where(keeps[n], sparse[n], dense[n])
                 m.weight.copy_(w * new_keeps[n].to(w.dtype))
-            after = _block_mse(block, captured, dense_out)
             if self.config.guard and after > before:
                 # Deviation from §3 (recorded): a first-order swap can overshoot, most of all after SparseGPT's
                 # reconstruction, whose kept weights already compensate for the pruned ones. Keep the better mask.
@@ -340,6 +407,59 @@ class BarberRun(PruneRun):
         return grad_sq, seen, mse / max(seen, 1), dense_out
 
 
+def block_taylor_statistics(block: nn.Module, mods: dict[str, nn.Linear], captured: BlockCalls,
+                            targets: list[torch.Tensor], probes: int = 1, seed: int = 0):
+    """G = ∂L/∂W and the Gauss-Newton diagonal D of L at the block's *current* (sparse) weights.
+
+    L = mean over sequences of MSE(block(x_s), target_s) (§3.2's block loss; targets: the dense block's outputs on
+    the same sparse inputs). Its Gauss-Newton Hessian is mean_s (2/n_s)·J_sᵀJ_s, and diag(JᵀJ) = E_v[(Jᵀv)²] for a
+    Rademacher vector v on the block's output (Hutchinson's estimator; the "true Fisher" with sampled targets,
+    Martens 2020 arXiv 1412.1193 §9), so ``probes`` backward passes per sequence give an unbiased estimate. The
+    squared loss gradients E[g²] that §3.3 uses (the empirical Fisher) are not a curvature estimate when the
+    residual is not noise (Kunstner et al. 2019, arXiv 1905.12558 §3); this is. Returns (G, D, sequences, mean L).
+    """
+    weights = [m.weight for m in mods.values()]
+    flags = [w.requires_grad for w in weights]
+    grad = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
+    curv = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
+    gen = torch.Generator().manual_seed(seed)
+    seen, mse, it = 0, 0.0, iter(targets)
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for args, kwargs, _ in captured.samples():
+                out = _first(block(*args, **kwargs)).float()
+                loss = F.mse_loss(out, next(it).float())
+                for n, g in zip(mods, torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True),
+                                strict=True):
+                    if g is not None:
+                        grad[n] += g.float()
+                for _ in range(probes):
+                    v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.device, out.dtype)
+                    jv = torch.autograd.grad(out, weights, grad_outputs=v, retain_graph=True, allow_unused=True)
+                    for n, h in zip(mods, jv, strict=True):
+                        if h is not None:
+                            curv[n] += (2.0 / (out.numel() * probes)) * h.float() ** 2
+                seen += 1
+                mse += float(loss.detach())
+    finally:
+        for w, f in zip(weights, flags, strict=True):
+            w.requires_grad_(f)
+    n = max(seen, 1)
+    return {k: v / n for k, v in grad.items()}, {k: v / n for k, v in curv.items()}, seen, mse / n
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, captured: BlockCalls) -> list[torch.Tensor]:
+    """The block's outputs at its current weights, one (1, T, hidden) tensor per calibration sequence."""
+    outs = []
+    for args, kwargs in captured.calls:
+        out = _first(block(*args, **kwargs))
+        outs.extend(out[j:j + 1].detach() for j in range(out.shape[0]))
+    return outs
+
+
 @torch.no_grad()
 def _block_mse(block: nn.Module, captured: BlockCalls, targets: list[torch.Tensor]) -> float:
     """Mean per-sequence MSE of ``block`` (current weights) against ``targets`` on the captured calls."""
@@ -359,4 +479,5 @@ def apply_barber(model: nn.Module, config: Barber, calib=None, filter_fn=None, *
     return model
 
 
-__all__ = ["Barber", "BarberRun", "rebuild_masks", "barber_scores", "capture_block", "parse_pattern"]
+__all__ = ["Barber", "BarberRun", "rebuild_masks", "barber_scores", "taylor_scores", "block_taylor_statistics",
+           "block_outputs", "capture_block", "parse_pattern"]
