@@ -55,6 +55,19 @@ BYTES_CONFIGS = {
     "int2-g128-r128": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64),
     "int2-g128-r128-m8": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64, meta_dtype="int8"),
     "int4-g32-r128-m8": KVQuant(bits=4, group_size=32, residual=128, meta_dtype="int8"),
+    # the second int2 screen (sinks 16 with pre-RoPE keys, key groups of 16, residual 256, 4-bit keys)
+    "int2-g32-r128-s16": KVQuant(bits=2, group_size=32, residual=128, sinks=16),
+    "int2-g32-r128-s16-prerope": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True),
+    "int2-g32-r128-s16-prerope-m8": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
+                                            meta_dtype="int8"),
+    "int2-g16-r128-vg32-s16": KVQuant(bits=2, group_size=16, residual=128, value_group_size=32, sinks=16),
+    "int2-g16-r128-vg32-s16-prerope": KVQuant(bits=2, group_size=16, residual=128, value_group_size=32, sinks=16,
+                                              pre_rope=True),
+    "int2-g16-r128-vg32-s16-prerope-m8": KVQuant(bits=2, group_size=16, residual=128, value_group_size=32,
+                                                 sinks=16, pre_rope=True, meta_dtype="int8"),
+    "int2-g32-r256-s16": KVQuant(bits=2, group_size=32, residual=256, sinks=16),
+    "k4v2-g32-r128-s16": KVQuant(bits=2, key_bits=4, group_size=32, residual=128, sinks=16),
+    "k4v2-g32-r128-s16-prerope": KVQuant(bits=2, key_bits=4, group_size=32, residual=128, sinks=16, pre_rope=True),
 }
 
 
@@ -62,7 +75,12 @@ def bytes_only(args, model, full: DynamicCache, full_bytes: int, bf16_bytes: int
     """KV bytes per token of each BYTES_CONFIGS entry holding exactly ``--context`` tokens (no decode steps)."""
     rows = [{"config": "full (DynamicCache)", "kv_bytes": full_bytes, "bytes_per_token": full_bytes / args.context,
              "ratio_vs_bf16": full_bytes / bf16_bytes}]
-    for name, cfg in BYTES_CONFIGS.items():
+    names = args.only.split(",") if args.only else list(BYTES_CONFIGS)
+    unknown = [n for n in names if n not in BYTES_CONFIGS]
+    if unknown:
+        raise SystemExit(f"--only: unknown configs {unknown}; known: {sorted(BYTES_CONFIGS)}")
+    for name in names:
+        cfg = BYTES_CONFIGS[name]
         nbytes = QuantizedKVCache.from_cache(model, cfg, full).kv_bytes()
         rows.append({"config": name, "kv_bytes": nbytes, "bytes_per_token": nbytes / args.context,
                      "ratio_vs_bf16": nbytes / bf16_bytes, "kv_quant": cfg.to_dict()})
@@ -97,6 +115,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--bytes-only", action="store_true", help="bytes per token of BYTES_CONFIGS, no timing")
+    ap.add_argument("--only", default=None, help="--bytes-only: comma-separated BYTES_CONFIGS names to measure")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load(args.model, dtype=args.dtype)

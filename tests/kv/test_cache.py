@@ -330,3 +330,53 @@ def test_value_rotation_is_exact_at_high_precision_and_needs_a_power_of_two_head
     assert (vv - v).abs().max() < 0.02 * v.abs().max()
     with pytest.raises(ConfigError, match="power-of-two"):
         KVQuant(bits=2, value_rotation=True, value_group_size=16).check_model(48)
+
+
+def test_per_tensor_bit_widths_store_keys_and_values_at_their_own_width():
+    """K4V2: 4-bit keys and 2-bit values; bytes counted per tensor; keys-only error matches the int4 keys."""
+    model = tiny_model("llama")
+    ids = _ids(1, 64)
+    with torch.no_grad():
+        ref = model(ids).logits
+    cfgs = {"int2": KVQuant(bits=2, group_size=16, residual=16),
+            "k4v2": KVQuant(bits=2, key_bits=4, group_size=16, residual=16),
+            "k2v4": KVQuant(bits=4, key_bits=2, group_size=16, residual=16),
+            "int4": KVQuant(bits=4, group_size=16, residual=16)}
+    caches = {n: QuantizedKVCache(model, c) for n, c in cfgs.items()}
+    errs = {n: (_run(model, ids, c, 32) - ref).abs().mean().item() for n, c in caches.items()}
+    layer = caches["k4v2"].layers[0]
+    assert layer.qk.bits == 4 and layer.qv.bits == 2
+    assert caches["k2v4"].layers[0].qk.bits == 2 and caches["k2v4"].layers[0].qv.bits == 4
+    # per layer: key codes 2·48·16·4/8, value codes 2·48·16·2/8, key meta 2×(2·3·16)·2, value meta 2×(2·48·1)·2,
+    # window 2×(2·16·16)·4
+    assert layer.nbytes() == 2 * 48 * 8 + 2 * 48 * 4 + 2 * (2 * 3 * 16) * 2 + 2 * (2 * 48) * 2 + 2 * (2 * 16 * 16) * 4
+    sizes = {n: c.kv_bytes() for n, c in caches.items()}
+    assert sizes["int2"] < sizes["k4v2"] == sizes["k2v4"] < sizes["int4"]
+    assert errs["int4"] < errs["k4v2"] < errs["int2"], errs
+    assert errs["int4"] < errs["k2v4"] < errs["int2"], errs
+    assert cfgs["k4v2"].label == "k4v2-g16-r16" and cfgs["int4"].label == "int4-g16-r16"
+    assert KVQuant(bits=4, key_bits=4, value_bits=4).label == KVQuant(bits=4).label
+
+
+def test_per_tensor_bit_widths_fused_attention_matches_reference():
+    model = tiny_model("llama")
+    cfg = KVQuant(bits=2, key_bits=4, group_size=8, residual=8, sinks=2, chunk_tokens=16)
+    cache = QuantizedKVCache(model, cfg)
+    _run(model, _ids(1, 60), cache, 40)
+    layer = cache.layers[0]
+    q = torch.randn(1, 4, 1, 16)
+    k, v = layer.materialize()
+    ref = reference_attention(q, k, v, 0.25)
+    got = quantized_decode_attention(q, layer, 0.25)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_per_tensor_bit_widths_options_round_trip_and_validation():
+    model = tiny_model("llama")
+    m = build_method(model, "kv", "int2", {"key_bits": "4", "sinks": "16"})
+    assert m.name == "kv-k4v2-g32-r128-s16"
+    cfg = KVQuant(bits=2, key_bits=4, value_bits=2)
+    assert BaseConfig.from_json(cfg.to_json()) == cfg and (cfg.k_bits, cfg.v_bits) == (4, 2)
+    for bad in ({"key_bits": 3}, {"value_bits": 16}, {"key_bits": "4"}):
+        with pytest.raises(ConfigError, match="key_bits|value_bits"):
+            KVQuant(**bad)

@@ -127,10 +127,10 @@ class QuantizedKVLayer(DynamicLayer):
             k = self.rope(k, pos, True)  # un-rotate: quantize pre-RoPE keys
             self.qpos = pos if self.qpos is None else torch.cat([self.qpos, pos], -1)
             self.rpos = self.rpos[:, m:]
-        qk = QuantizedKV.quantize(k, self.cfg.bits, g, -2, self.meta_dtype, flushed_valid)
+        qk = QuantizedKV.quantize(k, self.cfg.k_bits, g, -2, self.meta_dtype, flushed_valid)
         if self.cfg.value_rotation:  # quantize v·H; read back as dequant(v·H)·H (H symmetric orthonormal)
             v = v.float() @ hadamard(v.shape[-1], v.device)
-        qv = QuantizedKV.quantize(v, self.cfg.bits, self.cfg.value_group(v.shape[-1]), -1, self.meta_dtype)
+        qv = QuantizedKV.quantize(v, self.cfg.v_bits, self.cfg.value_group(v.shape[-1]), -1, self.meta_dtype)
         self.qk = qk if self.qk is None else self.qk.append(qk)
         self.qv = qv if self.qv is None else self.qv.append(qv)
         self.keys, self.values = self.keys[..., m:, :].contiguous(), self.values[..., m:, :].contiguous()

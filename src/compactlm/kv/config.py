@@ -16,7 +16,11 @@ class KVQuant(BaseConfig):
     (Hooper et al., arXiv 2401.18079), §3.5 and §3.2.
 
     Fields:
-        bits: 2, 4 or 8 bits per key/value element.
+        bits: 2, 4 or 8 bits per key/value element (the default of ``key_bits`` and ``value_bits``).
+        key_bits: bits of the keys only (None: ``bits``). Keys hold the outlier channels and their error
+            goes through the softmax (KIVI §3.1; KVQuant §3.1–3.2 spend their effort on keys), so they are
+            the first to deserve more bits; e.g. ``bits=2, key_bits=4`` is K4V2.
+        value_bits: bits of the values only (None: ``bits``).
         group_size: tokens per key group (per channel) and, unless ``value_group_size`` is set,
             channels per value group (per token). KIVI uses 32.
         residual: tokens kept in full precision at the end (KIVI's R; default 128). The window is
@@ -37,6 +41,8 @@ class KVQuant(BaseConfig):
     """
 
     bits: int = 2
+    key_bits: int | None = None
+    value_bits: int | None = None
     group_size: int = 32
     residual: int = 128
     sinks: int = 0
@@ -50,6 +56,10 @@ class KVQuant(BaseConfig):
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8):
             raise ConfigError(f"KVQuant.bits must be 2, 4 or 8, got {self.bits!r}")
+        for name in ("key_bits", "value_bits"):
+            v = getattr(self, name)
+            if v is not None and v not in (2, 4, 8):
+                raise ConfigError(f"KVQuant.{name} must be 2, 4, 8 or None (= bits), got {v!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ConfigError(f"KVQuant.group_size must be a positive integer (KIVI uses 32), got {self.group_size!r}")
         if self.value_group_size is not None and (not isinstance(self.value_group_size, int)
@@ -67,6 +77,16 @@ class KVQuant(BaseConfig):
             raise ConfigError(f"KVQuant.chunk_tokens must be a positive multiple of group_size ({self.group_size}), "
                               f"got {self.chunk_tokens!r}")
 
+    @property
+    def k_bits(self) -> int:
+        """Bits of the stored keys (``key_bits``, else ``bits``)."""
+        return self.key_bits or self.bits
+
+    @property
+    def v_bits(self) -> int:
+        """Bits of the stored values (``value_bits``, else ``bits``)."""
+        return self.value_bits or self.bits
+
     def value_group(self, head_dim: int) -> int:
         """Channels per value group for a model with ``head_dim`` (``group_size`` capped at the head dim)."""
         return self.value_group_size or min(self.group_size, head_dim)
@@ -79,12 +99,15 @@ class KVQuant(BaseConfig):
         if self.value_rotation and head_dim & (head_dim - 1):
             raise ConfigError(f"value_rotation needs a power-of-two head dim, this model's is {head_dim}; "
                               "set KVQuant(value_rotation=False)")
-        if (head_dim * self.bits) % 8:
-            raise ConfigError(f"head dim {head_dim} × {self.bits} bits does not pack into whole bytes")
+        for bits in {self.k_bits, self.v_bits}:
+            if (head_dim * bits) % 8:
+                raise ConfigError(f"head dim {head_dim} × {bits} bits does not pack into whole bytes")
 
     @property
     def label(self) -> str:
         extra = (f"-vg{self.value_group_size}" if self.value_group_size else "") + (
             f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "") + (
             "-m8" if self.meta_dtype == "int8" else "") + ("-vrot" if self.value_rotation else "")
-        return f"int{self.bits}-g{self.group_size}-r{self.residual}{extra}"
+        # "k4v2" where keys and values differ, "int2" where they agree (whatever spelled it)
+        name = f"int{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
+        return f"{name}-g{self.group_size}-r{self.residual}{extra}"
