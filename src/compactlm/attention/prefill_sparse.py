@@ -106,7 +106,10 @@ def _mean(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, scale: float) -> torch.Tensor:
-    """Estimated log attention mass (B, H, NG, NK) of each KV block for each query group, per query head."""
+    """Estimated log attention mass (B, H, NG, NK) of each KV block for each query group, per query head.
+
+    Up to a constant per (head, group) row, which the selection's softmax over blocks cancels.
+    """
     bsz, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -140,19 +143,37 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, sca
             s = (qc @ kmT).view(bsz, heads, -1, cfg.share_len, nk) * scale
             out.append(s.masked_fill(~q_valid[g0:g0 + chunk, :, None], -math.inf).amax(-2))
         return torch.cat(out, 2)
-    # lse: log-sum-exp over each block's keys of the mean query's scores = log of its unnormalised mass
-    kT = k.transpose(-1, -2)  # (B, Hk, D, Tk)
-    pad = nk * cfg.block_size - kv_len
+    # lse: log-sum-exp over each block's keys of the mean query's scores = log of the block's mass. Computed
+    # as log(block sum of the row's softmax), i.e. the block's lse minus the row's: a per-(head, group)
+    # constant that select_blocks' softmax over blocks cancels. One fused softmax in the input dtype replaces
+    # five fp32 passes (max, sub, exp, sum, log) over (H, NG, Tk): 2.9x faster at 16K on this CPU.
+    tiny = torch.finfo(torch.float32).tiny
+    g_first = kv_len - q_len - front  # absolute position of group 0's first (padded) row
     for g0 in range(0, ng, chunk):
-        qc = q_mean[:, :, :, g0:g0 + chunk].to(k.dtype)  # (B, Hk, G, c, D)
+        qc = (q_mean[:, :, :, g0:g0 + chunk] * scale).to(k.dtype)  # (B, Hk, G, c, D)
         c = qc.shape[3]
-        # One (G*c, D) x (D, Tk) product per KV head (no broadcast copy of k), in the input dtype (bf16 runs
-        # ~2.5x faster on this CPU); the reduction in fp32.
-        s = (qc.flatten(2, 3) @ kT).float() * scale  # (B, Hk, G*c, Tk)
-        if pad:
-            s = torch.nn.functional.pad(s, (0, pad), value=-math.inf)
-        lse = torch.logsumexp(s.unflatten(-1, (nk, cfg.block_size)), -1)  # (B, Hk, G*c, NK)
-        out.append(lse.view(bsz, heads, c, nk))
+        # Only the keys up to the chunk's last query can be selected: the later (future) blocks are skipped,
+        # which halves the cost over a whole prefill; they get the floor score (selection masks them anyway).
+        nkc = min(nk, -(-(g_first + (g0 + c) * cfg.share_len) // cfg.block_size))
+        tc = min(kv_len, nkc * cfg.block_size)
+        # One (G*c, D) x (D, Tc) product per KV head, in the input dtype (bf16 runs ~2.5x faster on this CPU).
+        # 2-D mm on a transposed view reads the keys in place; a batched matmul on a prefix of the keys copied
+        # them on every chunk.
+        qf = qc.flatten(2, 3)  # (B, Hk, G*c, D)
+        s = torch.empty(bsz, kv_heads, qf.shape[2], tc, dtype=k.dtype, device=k.device)
+        for b in range(bsz):
+            for h in range(kv_heads):
+                torch.mm(qf[b, h], k[b, h, :tc].T, out=s[b, h])
+        p = torch.softmax(s, -1)  # (B, Hk, G*c, Tc)
+        if tc < nkc * cfg.block_size:  # whole blocks (zero-mass padding; F.pad would copy even for 0)
+            p = torch.nn.functional.pad(p, (0, nkc * cfg.block_size - tc))
+        # Block sums accumulate in fp32 inside torch's reduction; storing them in the input dtype (2^-9
+        # relative in bf16) skips an fp32 copy of p.
+        mass = p.unflatten(-1, (nkc, cfg.block_size)).sum(-1).float()
+        mass = torch.nn.functional.pad(mass, (0, nk - nkc))  # (B, Hk, G*c, NK)
+        # A block whose share underflows (or lies past the chunk) gets the smallest normal instead of
+        # log(0) = -inf, so a row never turns all -inf (and NaN) when some keys dominate it.
+        out.append(mass.clamp_min_(tiny).log_().view(bsz, heads, c, nk))
     return torch.cat(out, 2)
 
 
@@ -199,6 +220,7 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig, 
 
 # --- selection -------------------------------------------------------------------------------------------
 
+@torch.no_grad()  # a discrete choice: no gradient flows through it (and its matmuls write into buffers)
 def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefillConfig,
                   scale: float | None = None) -> BlockLayout:
     """Choose the KV blocks of every query block: q (B, H, Tq, D), k (B, H_kv, Tk, D) -> BlockLayout."""
@@ -291,8 +313,10 @@ def _dense_reason(cfg: SparsePrefillConfig, query, key, attention_mask, kwargs, 
         return "short"  # every group would be dense anyway
     if query.shape[2] > key.shape[2]:
         return "shape"
-    if query.requires_grad and cfg.impl in ("auto", "flex") and query.device.type == "cpu":
-        return "requires_grad"  # FlexAttention has no CPU backward: run under torch.no_grad() to go sparse
+    if query.requires_grad and cfg.impl in ("auto", "gather", "flex") and query.device.type == "cpu":
+        # FlexAttention has no CPU backward and the gather kernel writes into preallocated buffers (out=):
+        # run under torch.no_grad() to go sparse.
+        return "requires_grad"
     return None
 
 

@@ -3,6 +3,8 @@
 Protocol ATTN-prefill (``shared/PROTOCOL.md``): causal self-attention over S tokens, CPU shapes 8 query
 heads / 2 KV heads / head dim 128, random inputs drawn fresh per size, median of >= 10 timed runs after
 warm-up; the dense baseline is the faster of SDPA and a compiled dense FlexAttention in the same process.
+Every timed entry (dense baselines, the selection alone, each sparse kernel with its selection) runs once
+per round, round-robin, so the ratios are side by side even when the machine's load moves.
 """
 
 from __future__ import annotations
@@ -32,7 +34,29 @@ def register(groups) -> None:
     p.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
     p.add_argument("--dense", default="sdpa,flex",
                    help="dense baselines to time (default sdpa,flex: the faster one is the baseline)")
+    p.add_argument("--impl", default="gather",
+                   help="sparse kernel(s) to time, comma-separated: gather (default, CPU gather-then-dense), flex "
+                        "(compiled FlexAttention), reference; each gets its own row")
     p.set_defaults(func=run)
+
+
+def interleaved_ms(entries: dict[str, Any], repeats: int, log) -> dict[str, float]:
+    """Median ms of each entry's callable, timed round-robin: one warm-up call each (it also compiles
+    FlexAttention), then ``repeats`` rounds that call every entry once, so a load change on a shared machine
+    hits every entry alike instead of whichever happened to run during it."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    for name, fn in entries.items():
+        fn()
+        log(f"  warmed up {name}")
+    for _ in range(repeats):
+        for name, fn in entries.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[str, Any]]:
@@ -40,43 +64,42 @@ def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[s
     import torch.nn.functional as F
 
     from ..attention.prefill_sparse import select_blocks
-    from ..kernels.block_prefill import block_attention_flex, dense_layout, flex_block_mask
-    from ..utils import median_time, parse_dtype
-
-    def time_ms(fn) -> float:  # one warm-up run: it also compiles FlexAttention
-        return 1e3 * median_time(fn, warmup=1, repeat=args.repeats)
+    from ..kernels.block_prefill import block_attention, block_attention_flex, dense_layout, flex_block_mask
+    from ..utils import parse_dtype
 
     dtype = parse_dtype(args.dtype)
     gen = torch.Generator().manual_seed(length)
     q = torch.randn(1, args.heads, length, args.head_dim, generator=gen).to(dtype)
     k = torch.randn(1, args.kv_heads, length, args.head_dim, generator=gen).to(dtype)
     v = torch.randn(1, args.kv_heads, length, args.head_dim, generator=gen).to(dtype)
-    sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    log(f"S={length}: SDPA {sdpa_ms:.1f} ms")
-    flex_ms = None
+    entries = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
     if "flex" in args.dense:
         full = dense_layout(1, args.kv_heads, length, length, args.block_size)
         full_mask = flex_block_mask(full, args.heads)
-        flex_ms = time_ms(lambda: block_attention_flex(q, k, v, full, block_mask=full_mask))
-        log(f"S={length}: dense FlexAttention {flex_ms:.1f} ms")
-    dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms or float("inf"), "flex_dense"))
-    rows = []
+        entries["flex_dense"] = lambda: block_attention_flex(q, k, v, full, block_mask=full_mask)
+    layouts = {}
+    for name, cfg in methods.items():
+        layouts[name] = select_blocks(q, k, cfg)
+        entries[f"select:{name}"] = lambda cfg=cfg: select_blocks(q, k, cfg)
+        for impl in args.impl.split(","):
+            entries[f"{name}:{impl}"] = lambda cfg=cfg, impl=impl: block_attention(q, k, v, select_blocks(q, k, cfg),
+                                                                                   impl=impl)
     with torch.no_grad():
-        for name, cfg in methods.items():
-            layout = select_blocks(q, k, cfg)
-            select_ms = time_ms(lambda cfg=cfg: select_blocks(q, k, cfg))
-
-            def step(cfg=cfg):
-                lay = select_blocks(q, k, cfg)
-                return block_attention_flex(q, k, v, lay)
-
-            ms = time_ms(step)
-            frac = layout.block_fraction()
-            rows.append({"method": name, "length": length, "ms": ms, "dense_ms": dense_ms, "dense_impl": dense_impl,
-                         "ratio": dense_ms / ms, "ideal_ratio": 1.0 / frac, "block_fraction": frac,
-                         "select_share": select_ms / ms, "sdpa_ms": sdpa_ms, "flex_dense_ms": flex_ms,
-                         "achieved_of_ideal": (dense_ms / ms) * frac})
-            log(f"S={length}: {name} {ms:.1f} ms ({dense_ms / ms:.2f}x, ideal {1 / frac:.2f}x)")
+        ms = interleaved_ms(entries, args.repeats, log)
+    sdpa_ms, flex_ms = ms["sdpa"], ms.get("flex_dense")
+    dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms or float("inf"), "flex_dense"))
+    log(f"S={length}: SDPA {sdpa_ms:.1f} ms" + (f", dense FlexAttention {flex_ms:.1f} ms" if flex_ms else ""))
+    rows = []
+    for name in methods:
+        frac, select_ms = layouts[name].block_fraction(), ms[f"select:{name}"]
+        for impl in args.impl.split(","):
+            t = ms[f"{name}:{impl}"]
+            rows.append({"method": name, "impl": impl, "length": length, "ms": t, "dense_ms": dense_ms,
+                         "dense_impl": dense_impl, "ratio": dense_ms / t, "ideal_ratio": 1.0 / frac,
+                         "block_fraction": frac, "select_ms": select_ms, "select_share": select_ms / t,
+                         "sdpa_ms": sdpa_ms, "flex_dense_ms": flex_ms, "achieved_of_ideal": (dense_ms / t) * frac})
+            log(f"S={length}: {name} [{impl}] {t:.1f} ms ({dense_ms / t:.2f}x, ideal {1 / frac:.2f}x, "
+                f"select {select_ms:.1f} ms)")
     return rows
 
 
@@ -89,6 +112,8 @@ def run(args) -> int:
     lengths = parse_lengths(args.lengths, minimum=128)
     if not args.dense or not set(args.dense.split(",")) <= {"sdpa", "flex"}:
         raise ConfigError(f"--dense takes sdpa, flex or sdpa,flex; got {args.dense!r}")
+    if not args.impl or not set(args.impl.split(",")) <= {"gather", "flex", "reference"}:
+        raise ConfigError(f"--impl takes gather, flex, reference or a comma-separated list; got {args.impl!r}")
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     if args.heads % args.kv_heads:
@@ -112,14 +137,16 @@ def run(args) -> int:
     rows = []
     for length in lengths:
         rows.extend(bench_length(length, methods, args, log))
-    print_table(rows, ["method", "length", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio", "block_fraction",
-                       "select_share"])
+    print_table(rows, ["method", "impl", "length", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio",
+                       "block_fraction", "select_share"])
     emit_json(args.json, {
         "protocol": "ATTN-prefill", "command": " ".join(["compactlm", *sys.argv[1:]]),
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "batch": 1},
         "repeats": args.repeats, "configs": {n: c.to_dict() for n, c in methods.items()},
         "inputs": "torch.randn per length (seed = length)",
-        "kernel": "compiled FlexAttention, BlockMask.from_kv_blocks",
+        "kernels": {"gather": "gather-then-dense: index_select kept blocks + ATen CPU flash calls, LSE merge",
+                    "flex": "compiled FlexAttention, BlockMask.from_kv_blocks", "reference": "plain PyTorch"},
+        "threads": torch.get_num_threads(),
         "results": rows, "machine": {**machine_info(args.dtype), "load_average": os.getloadavg()},
     })
     return 0

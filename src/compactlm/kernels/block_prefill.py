@@ -313,14 +313,23 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return out
 
 
-IMPLS = ("auto", "flex", "reference", "triton")
+IMPLS = ("auto", "gather", "flex", "reference", "triton")
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                     scale: float | None = None, impl: str = "auto") -> torch.Tensor:
-    """Dispatch: ``auto`` = Triton on CUDA, compiled FlexAttention on CPU; the others force one path."""
+    """Dispatch: ``auto`` = Triton on CUDA, gather-then-dense on CPU; the others force one path.
+
+    On CPU ``auto`` takes ``gather`` from a measurement, not a guess: at 16K (ATTN-prefill shapes, keep 0.25,
+    one thread) it ran 3-4x faster than the compiled FlexAttention kernel on the same layout and needs no
+    compilation (``benchmarks/results/prefill_attention_cpu_16k_gather.json``, docs/prefill-sparse.md).
+    """
     if impl == "auto":
-        impl = "triton" if q.device.type == "cuda" else "flex"
+        impl = "triton" if q.device.type == "cuda" else "gather"
+    if impl == "gather":
+        from .block_prefill_gather import block_attention_gather
+
+        return block_attention_gather(q, k, v, layout, scale)
     if impl == "flex":
         return block_attention_flex(q, k, v, layout, scale)
     if impl == "triton":
