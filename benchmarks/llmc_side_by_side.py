@@ -5,6 +5,9 @@ calibration wall time and peak RSS ≤ 1.0× theirs, measured in the same run.
 
     .venv/bin/python benchmarks/llmc_side_by_side.py --bits 4,3 --threads 1 \
         --json benchmarks/results/quant/llmc_side_by_side.json
+    # our side from a plain user install (no test extras), plus a variant row:
+    .venv/bin/python benchmarks/llmc_side_by_side.py --bits 4 --threads 1 --ours-python /work/venvs/user/bin/python \
+        --variant 'batch4:batch_size=4' --json ...
     # plus, at W4 only, our GPTQ with llm-compressor's calibration structure (one pass per layer, batch 1):
     .venv/bin/python benchmarks/llmc_side_by_side.py --bits 4 --threads 1 \
         --variant 'llmc_structure:true_sequential=false,batch_size=1' --variant-bits 4 --json ...
@@ -26,10 +29,12 @@ How it stays fair:
   llm-compressor's sequential pipeline collects every linear's Hessian of a layer in one pass, one sequence
   per forward. ``--variant NAME:field=value,...`` runs extra compactlm rows with config overrides (e.g.
   ``true_sequential=false,batch_size=1``) so that this difference is measured, not guessed.
-- Peak RSS includes what each process imports: compactlm's venv has ``hqq`` (a compactlm dependency), which
-  transformers' ``cache_utils`` imports, pulling in torch's dynamo/inductor and Triton; llm-compressor's venv
-  does not. Each side's RSS just before quantizing is recorded (``rss_before_mib``), and the row also gives
-  the growth during quantization (``peak_rss_mib - rss_before_mib``).
+- Peak RSS includes what each process imports. compactlm's dev venv (``.[test]``) has ``hqq`` for the
+  KV-cache baseline tests; transformers' ``cache_utils`` imports it when present, pulling in torch's
+  dynamo/inductor and Triton (~150 MiB, ~3 s). A plain ``pip install compactlm`` has no hqq, nor has
+  llm-compressor's venv, so ``--ours-python`` can point at such a user venv (each row records
+  ``hqq_imported``). Each side's RSS just before quantizing is recorded (``rss_before_mib``), and the row
+  also gives the growth during quantization (``peak_rss_mib - rss_before_mib``).
 
 Rows are appended to the JSON as soon as each setting finishes; an existing JSON with the same protocol
 keeps its other settings' rows (so W2 can be added by a later run with ``--bits 2``).
@@ -38,7 +43,6 @@ keeps its other settings' rows (so W2 can be added by a later run with ``--bits 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import subprocess
@@ -57,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 def ours_worker(args: argparse.Namespace) -> int:
     """compactlm side: load, GPTQ-quantize on the given ids, read peak RSS, evaluate; one fresh process."""
     import compactlm
+    from compactlm.config import config_from_options
     from compactlm.quant import GPTQ
     from compactlm.utils import write_json_atomic
 
@@ -70,10 +75,10 @@ def ours_worker(args: argparse.Namespace) -> int:
     model, _ = compactlm.models.load(args.model_dir)
     model.eval()
     out: dict = {"tool": "compactlm", "threads": torch.get_num_threads(), "python": sys.executable,
-                 "rss_method": "VmHWM"}
+                 "rss_method": "VmHWM", "hqq_imported": "hqq" in sys.modules}
     if not args.base:
         overrides = json.loads(args.overrides) if args.overrides else {}
-        cfg = GPTQ(bits=int(args.bits), group_size=args.group_size, **overrides)
+        cfg = config_from_options(GPTQ, {"bits": args.bits, "group_size": args.group_size, **overrides})
         out["config"] = cfg.to_dict()
         out["rss_before_mib"] = rss_mib()
         compactlm.utils.set_quiet(True)
@@ -113,8 +118,10 @@ def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
-    """'name:field=value,field=value' -> (name, {field: value}); values are JSON (true/false/numbers)."""
+    """'name:field=value,field=value' -> (name, {field: value-string}); typed and checked against GPTQ's fields."""
+    from compactlm.config import config_from_options
     from compactlm.errors import ConfigError
+    from compactlm.quant import GPTQ
 
     name, sep, body = text.partition(":")
     if not sep or not name or not body:
@@ -124,17 +131,10 @@ def _parse_variant(text: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"--variant {text!r}: {item!r} is not FIELD=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    from compactlm.quant import GPTQ
-
-    fields = {f.name for f in dataclasses.fields(GPTQ)} - {"bits", "group_size"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(f"--variant {text!r}: unknown GPTQ field(s) {unknown}; choose from {sorted(fields)}")
-    GPTQ(**overrides)  # a bad value fails here (ConfigError), before anything runs
+        overrides[key.strip()] = value.strip()
+    if {"bits", "group_size"} & set(overrides):
+        raise ConfigError(f"--variant {text!r}: bits and group size come from --bits/--group-size")
+    config_from_options(GPTQ, overrides, what=f"--variant {name}")  # a bad field or value fails before any run
     return name, overrides
 
 
@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--llmc-python", default=LLMC_PYTHON, help="python of the venv holding llm-compressor")
+    p.add_argument("--ours-python", default=sys.executable,
+                   help="python that runs the compactlm side (default: this one). A plain `pip install compactlm` "
+                        "venv measures what a user gets: the dev venv's test extras add hqq, whose import "
+                        "through transformers.cache_utils costs ~150 MiB of RSS")
     p.add_argument("--skip-base-check", action="store_true", help="reuse the base check of an existing JSON")
     p.add_argument("--json", help="result JSON (required)")
     p.add_argument("--note", default="", help="machine note recorded with the result (what else was running)")
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {}  # a different protocol: start afresh rather than mixing rows
     result.update({
         "benchmark": "llmc_side_by_side", "model": args.model, "model_dir": str(model_dir), "protocol": protocol,
-        "command": shlex.join([".venv/bin/python", *sys.argv]),
+        "command": shlex.join([".venv/bin/python", *sys.argv]), "ours_python": args.ours_python,
         "machine": {**machine_info(torch.float32), "note": args.note},
         "rows": [r for r in result.get("rows", []) if r["bits"] not in bits],
     })
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         windows = eval_windows(tok, "wiki", 512, args.windows)
         torch.save({"calib": calib, "eval": windows}, data)
         common = ["--data", str(data), "--model-dir", str(model_dir), "--threads", str(args.threads)]
-        ours_cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", *common]
+        ours_cmd = [args.ours_python, str(Path(__file__).resolve()), "--ours-worker", *common]
         llmc_cmd = [args.llmc_python, str(HERE / "_llmc_worker.py"), *common]
 
         if not (args.skip_base_check and "base_check" in result):

@@ -114,3 +114,58 @@ def test_stopping_a_group_forward_early_changes_nothing(family):
         assert mlp_calls[0] < mlp_calls[1]
     for n in weights[0]:
         assert torch.equal(weights[0][n], weights[1][n]), n
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile"))
+
+
+@pytest.mark.skipif(layerwise._MADVISE is None or not layerwise._file_mappings(), reason="needs Linux procfs")
+def test_release_file_pages_drops_clean_mapped_pages_and_keeps_every_value(tmp_path):
+    import numpy as np
+
+    def mapped_copy(name):
+        path = tmp_path / name
+        data.tofile(path)
+        mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c", shape=data.shape))  # private, as HF
+        assert torch.equal(mapped, torch.from_numpy(data))  # every page read, so resident
+        return mapped
+
+    data = np.random.default_rng(0).standard_normal((4, 256, 1024), dtype=np.float32)  # 4 x 1 MiB
+    clean = mapped_copy("clean.bin")
+    before = _rss_file_kib()
+    assert layerwise.release_file_pages(list(clean.unbind(0))) > 0
+    assert before - _rss_file_kib() >= 2 * 1024  # most of the 4 MiB left the resident set
+    assert torch.equal(clean, torch.from_numpy(data))  # faulted in again from the file, unchanged
+
+    written = mapped_copy("written.bin")
+    written[3, -1, -1] = 42.0  # that page (or large folio) is now the process's own copy: it must survive
+    layerwise.release_file_pages(list(written.unbind(0)))
+    expected = torch.from_numpy(data.copy())
+    expected[3, -1, -1] = 42.0
+    assert torch.equal(written, expected)
+    anon = torch.randn(256, 1024)
+    assert layerwise.release_file_pages([anon, torch.empty(0), anon[:, ::2]]) == 0  # anonymous, empty, strided
+
+
+def test_quantizing_a_checkpoint_mapped_from_disk_is_unchanged_by_page_release(tmp_path, monkeypatch):
+    import compactlm
+    from compactlm.quant import GPTQ
+
+    tiny_model("llama", seed=0, hidden_size=256, intermediate_size=512).save_pretrained(tmp_path / "m")
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = GPTQ(bits=4, group_size=64)
+    released = []
+    real = layerwise.release_file_pages
+    monkeypatch.setattr(layerwise, "release_file_pages", lambda ts: released.append(real(ts)) or released[-1])
+    ours, _ = compactlm.models.load(str(tmp_path / "m"))
+    compactlm.quantize(ours, cfg, calib=calib)
+    monkeypatch.setattr(layerwise, "release_file_pages", lambda ts: 0)
+    ref, _ = compactlm.models.load(str(tmp_path / "m"))
+    compactlm.quantize(ref, cfg, calib=calib)
+    sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
+    assert sd_ours.keys() == sd_ref.keys()
+    assert all(torch.equal(sd_ours[k], sd_ref[k]) for k in sd_ours)
+    if layerwise._file_mappings():
+        assert sum(released) > 0  # the checkpoint was mapped, and pages were in fact released

@@ -59,6 +59,92 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+_MADV_DONTNEED = 4  # Linux: drop this process's mapping of these pages; clean file pages re-fault from the file
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return fn
+    except (OSError, AttributeError):  # no libc madvise (Windows): nothing to release
+        return None
+
+
+_MADVISE = _libc_madvise()
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings that are backed by a regular file (/proc/self/maps)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):  # a path: not [heap], [stack] or anonymous
+                    lo, hi = parts[0].split("-")
+                    spans.append((int(lo, 16), int(hi, 16)))
+    except OSError:  # no procfs (macOS): nothing is known to be file-backed
+        return []
+    return spans
+
+
+def _clean_file_page_runs(pagemap, lo: int, hi: int, page: int) -> list[tuple[int, int]]:
+    """Runs of pages in [lo, hi) that are resident and still the file's own (not copied on write).
+
+    /proc/self/pagemap holds one 64-bit entry per page: bit 63 = present, bit 61 = file page (a private
+    mapping's page that was written to has become anonymous and clears it).
+    """
+    import numpy as np
+
+    pagemap.seek(lo // page * 8)
+    entries = np.frombuffer(pagemap.read((hi - lo) // page * 8), dtype="<u8")
+    clean = ((entries >> np.uint64(63)) & np.uint64(1)).astype(bool) & \
+        ((entries >> np.uint64(61)) & np.uint64(1)).astype(bool)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], clean, [False])).astype(np.int8)))
+    return [(lo + int(a) * page, lo + int(b) * page) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop this process's resident pages of CPU tensors read from a mapped file; returns the bytes advised.
+
+    Why: transformers maps safetensors checkpoints into memory, so every weight a calibration reads stays
+    resident (and counted in RSS) until the process ends: 500 MiB for the default model's fp32 weights,
+    although the driver needs one layer at a time. Only pages that are still byte-for-byte the file's are
+    released (``madvise(MADV_DONTNEED)``); a later read faults them in again from the file, so no value
+    changes. Pages that were written to (a pruner zeroing weights in place; the kernel may copy a whole
+    large folio on one write), anonymous memory (weights converted on load) and boundary pages shared with
+    a neighbouring tensor are left alone. The count can be below the resident-set drop: releasing part of
+    a large folio may unmap all of it. A no-op without Linux's procfs and madvise. Callers must not write
+    these tensors concurrently.
+    """
+    if _MADVISE is None:
+        return 0
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    advised = 0
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 (closed below)
+    except OSError:
+        return 0
+    with pagemap:
+        for t in tensors:
+            if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+                continue
+            start = t.data_ptr()  # the tensor's own bytes: its storage may be the whole checkpoint file
+            lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+            if hi <= lo or not any(a <= lo and hi <= b for a, b in spans):
+                continue
+            for a, b in _clean_file_page_runs(pagemap, lo, hi, page):
+                if _MADVISE(a, b - a, _MADV_DONTNEED) == 0:
+                    advised += b - a
+    return advised
+
+
 def _to(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -225,6 +311,8 @@ def run(
     was_training = model.training
     model.eval()
     inputs, layer_kwargs = capture_inputs(model, adapter, calib, batch_size, device)
+    # The probe read every layer's weights; page the mapped ones out until their layer's turn.
+    release_file_pages([p for layer in adapter.layers for p in layer.parameters()])
     report = LayerwiseReport()
     ckpt = scoped_checkpoint(desc) if checkpoint is None else (
         checkpoint if isinstance(checkpoint, LayerCheckpoint) else LayerCheckpoint(checkpoint))
@@ -259,11 +347,14 @@ def run(
             if ckpt is not None:
                 ckpt.save(i, layer, ctx.prefix, method, report.records[n_records:],
                           report.layer_records[n_layer_records:], inputs, last=i == adapter.num_layers - 1)
+            mapped = list(layer.parameters())  # before finish_layer may swap modules (packing) and drop them
             finish = getattr(method, "finish_layer", None)
             if finish is not None:
                 finish(ctx)
             del ctx, reference
             release_free_memory()
+            release_file_pages(mapped)  # this layer's checkpoint pages: re-read only if someone uses them again
+            del mapped
     finally:
         model.train(was_training)
     return report
