@@ -1,5 +1,6 @@
 """Saving pruned models (dense + compressed-tensors sparsity config, 2:4 bitmask) and the ``prune`` command."""
 
+import argparse
 import json
 
 import pytest
@@ -94,6 +95,8 @@ def test_cli_prune_magnitude_writes_folder_and_json(tmp_path, capsys):
     (["--method", "magnitude", "--sparsity", "1.5"], "sparsity must be a fraction"),
     (["--method", "magnitude", "--pattern", "5:4"], "0 < N < M"),
     (["--method", "wanda"], "no tokenizer"),
+    (["--method", "barber", "--search-ratios", "0.1,abc"], "--search-ratios takes comma-separated fractions"),
+    (["--method", "barber", "--search-ratios", "0.1,2"], "search_ratios must be a tuple of fractions"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, match):
     assert main(["prune", "tiny-llama", *argv, "--out", str(tmp_path / "o"), "-q"]) == 2
@@ -113,6 +116,17 @@ def test_cli_prune_wanda_on_the_default_model(tmp_path):
     dense, _ = compactlm.models.load("smollm2-135m")
     assert torch.equal(model.lm_head.weight, dense.lm_head.weight)  # never pruned (tied to the embeddings here)
     assert (model.lm_head.weight != 0).float().mean() > 0.5
+
+
+def test_cli_barber_taylor_flags_build_the_config():
+    from compactlm.cli.prune import build_config
+    from compactlm.prune import Barber
+
+    args = argparse.Namespace(method="barber", init="wanda", pattern=None, sparsity=0.5, scope="row", targets=[],
+                              ignore=[], rebuild_ratio=0.01, group="row", criterion="taylor",
+                              search_ratios="0.01,0.1")
+    cfg = build_config(args)
+    assert isinstance(cfg, Barber) and cfg.criterion == "taylor" and cfg.search_ratios == (0.01, 0.1)
 
 
 def test_wanda_default_is_half_and_compress_entry_point():

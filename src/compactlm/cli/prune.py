@@ -28,6 +28,9 @@ def register(groups) -> None:
     p.add_argument("--criterion", default=None, choices=["gradient", "taylor"],
                    help="barber only: swap score: gradient = the paper's |W|*sqrt(E[g^2]); taylor = predicted "
                         "change of the block loss (gradient + diagonal Gauss-Newton term)")
+    p.add_argument("--search-ratios", default=None, metavar="R1,R2,...",
+                   help="barber only: try each ratio, keep per block the mask with the lowest calibration block "
+                        "error (e.g. 0.001,0.003,0.01,0.03,0.1,0.3)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="never prune linears whose full name matches (repeatable)")
     p.add_argument("--targets", action="append", default=[], metavar="REGEX",
@@ -44,6 +47,7 @@ def register(groups) -> None:
 
 
 def build_config(args):
+    from ..errors import ConfigError
     from ..prune import METHODS
 
     spec = {"pattern": args.pattern} if args.pattern else {"sparsity": args.sparsity}
@@ -51,6 +55,12 @@ def build_config(args):
     if args.method == "barber":
         init = METHODS[args.init](**common, **({"scope": args.scope} if not args.pattern else {}))
         extra = {"criterion": args.criterion} if args.criterion else {}
+        if args.search_ratios:
+            try:
+                extra["search_ratios"] = tuple(float(r) for r in args.search_ratios.split(","))
+            except ValueError:
+                raise ConfigError(f"--search-ratios takes comma-separated fractions, e.g. 0.01,0.1; got "
+                                  f"{args.search_ratios!r}") from None
         return METHODS["barber"](init=init, rebuild_ratio=args.rebuild_ratio, group=args.group, **extra)
     return METHODS[args.method](**common, **({"scope": args.scope} if not args.pattern else {}))
 

@@ -213,8 +213,8 @@ def taylor_scores(keep: torch.Tensor, sparse_weight: torch.Tensor, dense_weight:
     −G_k·s_k. Why it is off by default: each single-drop prediction is accurate, but at the sparse point every
     kept weight of a row that carries the pruned weights' residual claims the same first-order credit for
     shrinking it; the diagonal model adds those credits up, and swapping several at once overshoots (measured on
-    the default model, Wanda 50 %: the block error of layer 0's attention grew 92× at ratio 0.01, and a line
-    search found no ratio that lowered it in most blocks; benchmarks/results/prune/barber_variants_wanda_50pct.json).
+    the default model, Wanda 50 %: layer 0's attention block error grew 93× at ratio 0.01, and a line search found
+    no ratio that lowered it in 12 of 16 blocks; benchmarks/results/prune/barber_variants_wanda_50pct.json).
     Returned: −ΔL_p on pruned and ΔL_k on kept positions, so :func:`rebuild_masks` (best pruned vs worst kept)
     pairs the largest predicted loss drops with the cheapest drops, and a pair is profitable exactly when
     ΔL_p + ΔL_k < 0 (diagonal model: cross terms ignored).
