@@ -8,6 +8,9 @@ attends to. Three implementations of the same contract, compared in ``tests/kern
 - :func:`block_attention_flex`: compiled FlexAttention fed a ``BlockMask.from_kv_blocks`` built from the
   layout's indices (the fast CPU path; a Python ``mask_mod`` evaluated over 16K x 16K positions exhausts
   memory, see FACTS.md). Off-diagonal kept blocks are "full" blocks, the diagonal is the only partial one.
+- :func:`.block_prefill_gather.block_attention_gather`: "gather then dense" on CPU: the kept blocks of a run
+  of query blocks are gathered into one contiguous K/V run and attended with ATen's mask-free CPU flash
+  kernel, the causal diagonal in one batched call, the two merged by their log-sum-exps (``auto`` on CPU).
 - :func:`block_attention_triton`: a Triton kernel (FlashAttention-2 style loop, arXiv 2307.08691 §3.1,
   restricted to the listed KV blocks as in MInference's block-sparse kernel, arXiv 2407.02490 §3.2).
   Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests), where ``tl.dot`` is upcast to
@@ -321,8 +324,9 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: B
     """Dispatch: ``auto`` = Triton on CUDA, gather-then-dense on CPU; the others force one path.
 
     On CPU ``auto`` takes ``gather`` from a measurement, not a guess: at 16K (ATTN-prefill shapes, keep 0.25,
-    one thread) it ran 3-4x faster than the compiled FlexAttention kernel on the same layout and needs no
-    compilation (``benchmarks/results/prefill_attention_cpu_16k_gather.json``, docs/prefill-sparse.md).
+    one thread, timed round-robin in one process) it took 1,122 ms against 1,218 ms for the compiled
+    FlexAttention kernel on the same layouts, and it needs no compilation (FlexAttention compiles per shape:
+    seconds, minutes under load). ``benchmarks/results/prefill_attention_cpu_16k_gather.json``.
     """
     if impl == "auto":
         impl = "triton" if q.device.type == "cuda" else "gather"

@@ -1,0 +1,94 @@
+"""RULER-syn, dense vs block-sparse prefill, same prompts in one run, with the block fraction actually computed.
+
+    .venv/bin/python benchmarks/prefill_ruler.py --lengths 2k,4k --samples 2 --threads 1 \\
+        --json benchmarks/results/longctx/prefill_ruler_syn_2k4k.json
+
+The runner is issue 5's ``run_ruler`` (full attention with a full-precision cache always scored beside, from the
+same seeded prompts). The sparse method is ``attn:sparse-prefill``'s config, attached per prompt through a scope
+that also keeps the handler's record, so the JSON says how many of the causal (query block, KV block) tiles the
+prefill computed over all 30 layers (dense-head groups and dense layers count as computed), and which calls
+went dense and why. Decoding is untouched (the config has no decode handlers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+from compactlm.attention.prefill_sparse import SparsePrefillConfig
+from compactlm.attention.runtime import sparse_attention
+from compactlm.evaluation.methods import RuntimeMethod
+from compactlm.evaluation.ruler import TASKS, check_tasks, parse_lengths, run_ruler
+from compactlm.models import load
+from compactlm.utils import machine_info, write_json_atomic
+
+
+def recording_method(cfg: SparsePrefillConfig, records: list[dict]) -> RuntimeMethod:
+    """``attn:sparse-prefill`` with the same config, plus a per-prompt copy of the handler's statistics."""
+
+    @contextlib.contextmanager
+    def attach(model):
+        with sparse_attention(model, cfg) as built:
+            yield built
+        stats = built[0].state
+        records.append({"computed_blocks": stats.computed_blocks, "causal_blocks": stats.causal_blocks,
+                        **stats.summary()})
+
+    def make_cache(model, prefill_cache):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+
+    return RuntimeMethod("sparse-prefill", attach=attach, make_cache=make_cache, shares_prefill=False,
+                         description=f"block-sparse prefill {cfg.to_json()}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--lengths", default="2k,4k")
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the 8 tasks (default: all)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--config", default="{}", help="SparsePrefillConfig fields as JSON, e.g. '{\"dense_head\": 512}'")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = SparsePrefillConfig(**json.loads(args.config))
+    lengths = parse_lengths(args.lengths)
+    tasks = check_tasks(args.tasks.split(",")) if args.tasks else TASKS
+    model, tok = load(args.model, dtype=args.dtype)
+    records: list[dict] = []
+    result = run_ruler(model, tok, [recording_method(cfg, records)], lengths=lengths, samples=args.samples,
+                       tasks=tasks)
+    sparse_rows = [r for r in result.records if r["method"] == "sparse-prefill"]
+    for rec, row in zip(records, sparse_rows, strict=True):
+        rec.update(length=row["length"], task=row["task"], index=row["index"], tokens=row["tokens"])
+    fractions = {}
+    for n in lengths:
+        rs = [r for r in records if r["length"] == n]
+        fractions[str(n)] = sum(r["computed_blocks"] for r in rs) / max(1, sum(r["causal_blocks"] for r in rs))
+    for name, res in result.methods.items():
+        print(f"{name}: score {res['score']:.1f}; by length "
+              + ", ".join(f"{n}: {v['score']:.1f}" for n, v in res["by_length"].items()))
+    print("block fraction computed by the sparse prefill (all layers): "
+          + ", ".join(f"{n}: {f:.3f}" for n, f in fractions.items()) + f"; {result.seconds:.0f} s")
+    if args.json:
+        write_json_atomic(args.json, {
+            "benchmark": "RULER-syn dense vs block-sparse prefill", "model": args.model, "dtype": args.dtype,
+            "command": " ".join([".venv/bin/python", *sys.argv]), "config": cfg.to_dict(),
+            "block_fraction_by_length": fractions, "sparse_prefill_records": records, **result.to_dict(),
+            "machine": {**machine_info(args.dtype), "threads": torch.get_num_threads(),
+                        "load_average": os.getloadavg()},
+            "notes": "2-core machine shared with other engineers' jobs (see load_average)"})
+
+
+if __name__ == "__main__":
+    main()
