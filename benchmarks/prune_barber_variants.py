@@ -42,6 +42,9 @@ def main() -> int:
     p.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27,29")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heldout-source", default="essays", choices=["essays", "wiki"],
+                   help="held-out sequences: further CALIB-pg-512 essays, or wiki windows 1000+ (the evaluation "
+                        "domain, disjoint from every PPL-wiki-512 window: the protocol scores windows 0-199)")
     p.add_argument("--model", default="smollm2-135m", help="tiny-* models calibrate on random ids (smoke runs)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,6 +165,11 @@ def main() -> int:
     model, tok = compactlm.models.load(args.model, dtype="fp32")
     if tok is None:
         calib = torch.randint(3, 256, (args.train + args.heldout, 64), generator=torch.Generator().manual_seed(0))
+    elif args.heldout_source == "wiki":
+        from compactlm.data import eval_windows
+
+        wiki = eval_windows(tok, "wiki", 512, 1000 + args.heldout)[1000:]
+        calib = torch.cat([calibration_set(tok, "essays", nsamples=args.train, seqlen=512, seed=0), wiki[:, :512]])
     else:
         calib = calibration_set(tok, "essays", nsamples=args.train + args.heldout, seqlen=512, seed=0)
     start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
@@ -176,13 +184,15 @@ def main() -> int:
     setting = args.pattern.replace(":", "of") if args.pattern else f"{round(100 * (args.sparsity or 0.5))}pct"
     if tok is None:
         return 0  # smoke run: nothing to record
-    out = ROOT / "results" / "prune" / f"barber_variants_{args.init}_{setting}.json"
+    suffix = "" if args.heldout_source == "essays" else "_heldout-wiki"
+    out = ROOT / "results" / "prune" / f"barber_variants_{args.init}_{setting}{suffix}.json"
     write_json_atomic(out, {
         "what": "block-output MSE (vs the dense block on the sparse model's inputs) of each Barber rule, relative "
                 "to the initial mask; train = the sequences the statistics came from, heldout = further "
                 "CALIB-pg-512 sequences", "init": config.init.to_dict(),
-        "calibration": f"CALIB-pg-512 sequences 0-{args.train - 1} (train), {args.train}-"
-                       f"{args.train + args.heldout - 1} (held out)",
+        "calibration": f"CALIB-pg-512 sequences 0-{args.train - 1} (train), " + (
+            f"{args.train}-{args.train + args.heldout - 1} (held out)" if args.heldout_source == "essays" else
+            f"held out: PPL-wiki text windows 1000-{999 + args.heldout} (outside every PPL-wiki-512 window)"),
         "summary": summary, "blocks": rows, "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {**machine_info("fp32"), "note": "2 cores shared with other engineers' jobs",
