@@ -323,10 +323,12 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: B
                     scale: float | None = None, impl: str = "auto") -> torch.Tensor:
     """Dispatch: ``auto`` = Triton on CUDA, gather-then-dense on CPU; the others force one path.
 
-    On CPU ``auto`` takes ``gather`` from a measurement, not a guess: at 16K (ATTN-prefill shapes, keep 0.25,
-    one thread, timed round-robin in one process) it took 1,122 ms against 1,218 ms for the compiled
-    FlexAttention kernel on the same layouts, and it needs no compilation (FlexAttention compiles per shape:
-    seconds, minutes under load). ``benchmarks/results/prefill_attention_cpu_16k_gather.json``.
+    On CPU ``auto`` takes ``gather`` from measurements (ATTN-prefill shapes, keep 0.25, one thread, timed
+    round-robin in one process; ``benchmarks/results/prefill_attention_cpu_{4k-8k,16k}_gather.json``): in
+    steady state the compiled FlexAttention kernel is faster at 4K and 8K (90 vs 118 ms, 364 vs 395 ms) and
+    slower at 16K (1,218 vs 1,122 ms), but it compiles once per sequence length (3-7 s idle, minutes under
+    load), which a model serving prompts of varying length pays again and again; ``gather`` compiles nothing.
+    Force ``flex`` for many prompts of one fixed length of 8K or less.
     """
     if impl == "auto":
         impl = "triton" if q.device.type == "cuda" else "gather"
