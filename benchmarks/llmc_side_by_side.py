@@ -23,7 +23,9 @@ How it stays fair:
 - Both evaluate with the same plain loop: fp32 logits, mean NLL over every predicted token, exp. The
   harness is checked first: each side's base-model PPL on the windows must agree, else the run stops.
 - Settings: g64 asymmetric W4 / W3 / W2; GPTQ block 128, damping 0.01, static act-order on both sides
-  (llm-compressor's defaults, and ours). lm_head (tied to the embedding) stays full precision on both.
+  (llm-compressor's defaults, and ours), min-max ranges on both (our default clipping search is turned off
+  for the main row; ``--variant clip:clip_search=true`` adds a row with it). lm_head (tied to the embedding)
+  stays full precision on both.
 - What still differs by default: ours is true-sequential (q/k/v, then o, then gate/up, then down, each
   group calibrated on the outputs of the already-quantized groups before it) with 8 sequences per forward;
   llm-compressor's sequential pipeline collects every linear's Hessian of a layer in one pass, one sequence
@@ -78,7 +80,9 @@ def ours_worker(args: argparse.Namespace) -> int:
                  "rss_method": "VmHWM", "hqq_imported": "hqq" in sys.modules}
     if not args.base:
         overrides = json.loads(args.overrides) if args.overrides else {}
-        cfg = config_from_options(GPTQ, {"bits": args.bits, "group_size": args.group_size, **overrides})
+        # llm-compressor's min-max observer: our GPTQ's default clipping search is off unless a variant asks
+        cfg = config_from_options(GPTQ, {"bits": args.bits, "group_size": args.group_size, "clip_search": "false",
+                                         **overrides})
         out["config"] = cfg.to_dict()
         out["rss_before_mib"] = rss_mib()
         compactlm.utils.set_quiet(True)

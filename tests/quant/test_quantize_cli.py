@@ -32,3 +32,17 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err, (extra, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_clip_search_flag_overrides_each_methods_default():
+    from compactlm.cli import build_parser
+    from compactlm.cli.quantize import build_config
+    from compactlm.quant import GPTQ, RTN
+
+    def config(*extra):
+        return build_config(build_parser().parse_args(["quantize", "tiny-llama", "--out", "x", *extra]))
+
+    assert config("--method", "rtn", "--bits", "4").clip_search is RTN().clip_search
+    assert config("--method", "gptq", "--bits", "4").clip_search is GPTQ().clip_search
+    assert config("--method", "rtn", "--bits", "4", "--clip-search").clip_search is True
+    assert config("--method", "gptq", "--bits", "4", "--no-clip-search").clip_search is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from .common import add_common, emit_json, print_table
@@ -27,7 +28,9 @@ def register(groups) -> None:
                    help="APTQ: let q/k/v and gate/up take different widths (vLLM needs them equal)")
     p.add_argument("--group-size", type=int, default=64, help="columns per scale/zero; -1 = per channel (default 64)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
-    p.add_argument("--clip-search", action="store_true", help="search a per-group range shrink (MSE)")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="search a per-group range shrink that minimises reconstruction error (default: on for "
+                        "gptq and aptq, off for rtn)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="keep matching layers dense")
     p.add_argument("--calib-samples", type=int, default=128, help="CALIB-pg-512 sequences (128; quick: 32)")
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -46,8 +49,9 @@ def build_config(args):
     from ..errors import ConfigError
     from ..quant import APTQ, GPTQ, RTN
 
-    common = dict(group_size=args.group_size, symmetric=args.symmetric, clip_search=args.clip_search,
-                  ignore=tuple(args.ignore))
+    common = dict(group_size=args.group_size, symmetric=args.symmetric, ignore=tuple(args.ignore))
+    if args.clip_search is not None:  # otherwise each method's own default
+        common["clip_search"] = args.clip_search
     if args.method == "aptq":
         if args.bits is not None:
             raise ConfigError("aptq allocates widths itself: pass --avg-bits X (and --bits-menu), not --bits")
