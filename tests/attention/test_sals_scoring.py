@@ -90,3 +90,6 @@ def test_avg_presets_build():
     assert (cfg.rank, cfg.score_rope, cfg.exact_sink, cfg.exact_recent, cfg.mode) == (0.25, "averaged", 16, 64,
                                                                                       "compressed")
     assert config_from_options(SALSConfig, dict(PRESETS["sals-index-avg"])).mode == "index"
+    tuned = config_from_options(SALSConfig, dict(PRESETS["sals-tuned"]))
+    assert (tuned.rank, tuned.rank_budget, tuned.score_dims, tuned.pool, tuned.exact_sink, tuned.exact_recent,
+            tuned.score_rope) == ("energy:0.999", 0.5, 1.0, "softmax", 16, 128, "averaged")
