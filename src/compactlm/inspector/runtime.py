@@ -77,7 +77,7 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     pos = torch.arange(s, s + n, device=key.device, dtype=torch.int32)[None].expand(b, n)  # (B, n)
     if cfg.pre_rope:
         k = rope(k, pos, True)  # the cache quantizes un-rotated keys
-    kq = dequantize_groups(*quantize_groups(k, cfg.bits, cfg.group_size, -2, meta), cfg.group_size, -2, key.dtype)
+    kq = dequantize_groups(*quantize_groups(k, cfg.k_bits, cfg.group_size, -2, meta), cfg.group_size, -2, key.dtype)
     if cfg.pre_rope:
         kq = rope(kq, pos, False)
     vg = cfg.value_group(d)
@@ -85,7 +85,7 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     if cfg.value_rotation:  # as the cache stores it: quantize v·H, read back dequant(v·H)·H (H symmetric orthonormal)
         h = hadamard(d, value.device)
         v = v.float() @ h
-    vq = dequantize_groups(*quantize_groups(v, cfg.bits, vg, -1, meta), vg, -1, torch.float32 if cfg.value_rotation
+    vq = dequantize_groups(*quantize_groups(v, cfg.v_bits, vg, -1, meta), vg, -1, torch.float32 if cfg.value_rotation
                            else value.dtype)
     if cfg.value_rotation:
         vq = (vq @ h).to(value.dtype)

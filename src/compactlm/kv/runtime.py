@@ -114,7 +114,7 @@ def _builder(bits: int):
 
         return RuntimeMethod(f"kv-{config.label}", attach=lambda m: kv_cache(m, config), make_cache=make_cache,
                              shares_prefill=True,
-                             description=f"KIVI-style {bits}-bit KV cache ({config.to_json()})")
+                             description=f"KIVI-style {config.label} KV cache ({config.to_json()})")
 
     return build
 

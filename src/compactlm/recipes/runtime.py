@@ -39,7 +39,7 @@ def sals_with_kv_values(sals: Any, kv: Any, head_dim: int) -> Any:
     """SALS with the KV step's value bits on its own layers (its keys are latent; its values follow the KV step)."""
     if kv is None or sals.value_bits is not None:
         return sals
-    return dataclasses.replace(sals, value_bits=kv.bits, value_group=kv.value_group(head_dim))
+    return dataclasses.replace(sals, value_bits=kv.v_bits, value_group=kv.value_group(head_dim))
 
 
 def recipe_method(model: nn.Module, recipe: Any, name: str | None = None) -> RuntimeMethod:
