@@ -327,6 +327,9 @@ def run(
             n_records, n_layer_records = len(report.records), len(report.layer_records)
             layer = adapter.layers[i]
             home = next(layer.parameters()).device
+            # Views of the weights as loaded: a method may swap a parameter's storage (GPTQ writes fresh tensors
+            # rather than into the checkpoint's mmap), and these keep the mapped originals for the release below.
+            mapped = [p.detach() for p in layer.parameters()]
             layer.to(device)
             ctx = LayerContext(i, layer, adapter.layer_prefix(i), adapter, inputs, layer_kwargs[i], device)
             for j, x in enumerate(inputs):
@@ -347,7 +350,6 @@ def run(
             if ckpt is not None:
                 ckpt.save(i, layer, ctx.prefix, method, report.records[n_records:],
                           report.layer_records[n_layer_records:], inputs, last=i == adapter.num_layers - 1)
-            mapped = list(layer.parameters())  # before finish_layer may swap modules (packing) and drop them
             finish = getattr(method, "finish_layer", None)
             if finish is not None:
                 finish(ctx)

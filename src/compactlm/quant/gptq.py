@@ -186,7 +186,8 @@ class GPTQRun:
         model, targets = self.pack_target
         for name in [n for n in self.results if n.startswith(ctx.prefix + ".")]:
             res, spec = self.results.pop(name)
-            pack_into(model, name, targets[name], res.codes, res.scale, res.zero, spec)
+            # pop: the replaced nn.Linear (and its fp32 weight) must not outlive its packing in `targets`
+            pack_into(model, name, targets.pop(name), res.codes, res.scale, res.zero, spec)
 
 
 def solve_rows(weight: torch.Tensor, H: torch.Tensor | list[torch.Tensor], spec: QuantSpec, cfg: GPTQ,
