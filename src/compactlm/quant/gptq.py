@@ -41,8 +41,15 @@ class GPTQ(WeightQuantConfig):
     - ``respect_sparsity``: keep weights that are exactly zero at exactly zero (prune-then-quantize).
     - ``true_sequential``: re-collect inputs after each group of linears (q/k/v, o, gate/up, down).
     - ``batch_size``: calibration sequences per forward.
+
+    ``clip_search`` defaults to True here (RTN keeps plain min-max): each group's range is shrunk to the
+    ratio that minimises its reconstruction error before the column loop, as GPTQModel's ``mse`` option and
+    AWQ's clipping do. On the default model (PPL-wiki-512-q, g64) it took W4 from 28.30 to 27.62 and W3
+    from 51.36 to 43.85, for ≈ 2 % more calibration CPU time (docs/quantization.md). Set it False to
+    match llm-compressor's min-max observer.
     """
 
+    clip_search: bool = True
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
