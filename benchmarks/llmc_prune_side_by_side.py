@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -108,17 +107,10 @@ def _prune_ours(model, calib, args) -> dict:
 
 
 def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
-    print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0 or not out.is_file():
-        raise SystemExit(f"{label} failed (exit {rc}); last output:\n{log.read_text()[-3000:]}")
-    result = json.loads(out.read_text())
-    result["process_seconds"] = time.perf_counter() - start
-    print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
-        f"{k} {result[k]:.3f}" for k in (*RATIO_KEYS, "sparsity") if k in result), flush=True)
-    return result
+    """One side in a fresh subprocess: the GPTQ side-by-side's runner, printing the pruning keys."""
+    from llmc_side_by_side import _run as run_side  # benchmarks/ is on sys.path when this runs as a script
+
+    return run_side(cmd, out, log, label, keys=(*RATIO_KEYS, "sparsity"))
 
 
 def main(argv: list[str] | None = None) -> int:

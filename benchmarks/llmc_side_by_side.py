@@ -105,8 +105,9 @@ def _perplexity(model, windows, batch_size: int = 4) -> dict:
     return {"ppl": ppl, "tokens": count}
 
 
-def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
-    """Run one side in a fresh subprocess; its output goes to ``log``; its result JSON is returned."""
+def _run(cmd: list[str], out: Path, log: Path, label: str, keys: tuple[str, ...] = RATIO_KEYS) -> dict:
+    """Run one side in a fresh subprocess; its output goes to ``log``; its result JSON is returned (``keys``
+    are printed). Shared with ``llmc_prune_side_by_side.py``."""
     print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -117,7 +118,7 @@ def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
     result = json.loads(out.read_text())
     result["process_seconds"] = time.perf_counter() - start
     print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
-        f"{k} {result[k]:.3f}" for k in RATIO_KEYS if k in result), flush=True)
+        f"{k} {result[k]:.3f}" for k in keys if k in result), flush=True)
     return result
 
 
