@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from block_prefill_helpers import SHAPES, assert_close, inputs, random_layout
 
 from compactlm.errors import ConfigError
 from compactlm.kernels.block_prefill import (
@@ -14,14 +15,6 @@ from compactlm.kernels.block_prefill import (
     dense_layout,
     layout_from_mask,
 )
-
-
-def random_layout(bsz, kv_heads, q_len, kv_len, block, density, seed):
-    gen = torch.Generator().manual_seed(seed)
-    pad = (kv_len - q_len) % block
-    nqb, nkb = -(-(q_len + pad) // block), -(-kv_len // block)
-    keep = torch.rand(bsz, kv_heads, nqb, nkb, generator=gen) < density
-    return layout_from_mask(keep, block, q_len, kv_len)
 
 
 def token_mask(layout):
@@ -35,29 +28,6 @@ def token_mask(layout):
     rows = (torch.arange(layout.q_len) + layout.pad) // layout.block
     cols = torch.arange(layout.kv_len) // layout.block
     return blocks[:, :, rows][..., cols]
-
-
-def inputs(bsz, heads, kv_heads, q_len, kv_len, dim, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(bsz, heads, q_len, dim, generator=gen).to(dtype)
-    k = torch.randn(bsz, kv_heads, kv_len, dim, generator=gen).to(dtype)
-    v = torch.randn(bsz, kv_heads, kv_len, dim, generator=gen).to(dtype)
-    return q, k, v
-
-
-def assert_close(out, ref, atol, rtol=0.0):
-    diff = (out.float() - ref.float()).abs()
-    assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol), (
-        f"max diff {diff.max():.3e}, mean diff {diff.mean():.3e}")
-
-
-# (batch, heads, kv_heads, q_len, kv_len, dim, block): prefill, ragged lengths, aligned and unaligned chunks
-SHAPES = [
-    (1, 4, 2, 256, 256, 32, 32),
-    (2, 4, 1, 200, 200, 16, 32),
-    (1, 2, 2, 96, 320, 32, 32),
-    (1, 8, 2, 100, 333, 64, 64),
-]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -6,46 +6,19 @@ import math
 
 import pytest
 import torch
+from block_prefill_helpers import SHAPES, assert_close, inputs, random_layout
 
 from compactlm.attention import sparse_attention
 from compactlm.attention.prefill_sparse import SparsePrefillConfig, block_scores, select_blocks
 from compactlm.errors import ConfigError
-from compactlm.kernels.block_prefill import block_attention, block_attention_reference, dense_layout, layout_from_mask
+from compactlm.kernels.block_prefill import block_attention, block_attention_reference, dense_layout
 from compactlm.kernels.block_prefill_gather import block_attention_gather, infer_run_blocks, keep_mask, plan_runs
 
-
-def inputs(bsz, heads, kv_heads, q_len, kv_len, dim, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(bsz, heads, q_len, dim, generator=gen).to(dtype),
-            torch.randn(bsz, kv_heads, kv_len, dim, generator=gen).to(dtype),
-            torch.randn(bsz, kv_heads, kv_len, dim, generator=gen).to(dtype))
+# The shared shapes plus one query block of 16 tokens (q_len < kv_len, unaligned).
+GATHER_SHAPES = [*SHAPES, (1, 4, 1, 20, 40, 16, 16)]
 
 
-def random_layout(bsz, kv_heads, q_len, kv_len, block, density, seed):
-    gen = torch.Generator().manual_seed(seed)
-    pad = (kv_len - q_len) % block
-    keep = torch.rand(bsz, kv_heads, -(-(q_len + pad) // block), -(-kv_len // block), generator=gen) < density
-    return layout_from_mask(keep, block, q_len, kv_len)
-
-
-def assert_close(out, ref, atol):
-    diff = (out.float() - ref.float()).abs()
-    assert out.shape == ref.shape and torch.allclose(out.float(), ref.float(), atol=atol), (
-        f"max diff {diff.max():.3e}, mean diff {diff.mean():.3e}")
-
-
-# (batch, heads, kv_heads, q_len, kv_len, dim, block): GQA 2/4/1, MHA, uneven last block, chunked prefill
-# (q_len < kv_len, aligned and not), one query block.
-SHAPES = [
-    (1, 4, 2, 256, 256, 32, 32),
-    (2, 4, 1, 200, 200, 16, 32),
-    (1, 2, 2, 96, 320, 32, 32),
-    (1, 8, 2, 100, 333, 64, 64),
-    (1, 4, 1, 20, 40, 16, 16),
-]
-
-
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", GATHER_SHAPES)
 @pytest.mark.parametrize("density", [0.1, 0.4, 1.0])
 def test_random_layouts_match_reference(shape, density):
     """Random layouts: KV heads keep different counts (the per-count call split) and runs are mostly invalid."""
@@ -55,7 +28,7 @@ def test_random_layouts_match_reference(shape, density):
     assert_close(block_attention_gather(q, k, v, layout), block_attention_reference(q, k, v, layout), atol=2e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("share", "sinks"), [(2, 1), (4, 0), (4, 2)])
 def test_selected_layouts_use_runs_and_match_reference(shape, dtype, share, sinks):
