@@ -122,6 +122,31 @@ def _run(cmd: list[str], out: Path, log: Path, label: str, keys: tuple[str, ...]
     return result
 
 
+def _run_together(jobs: list[tuple[list[str], Path, Path, str]], keys: tuple[str, ...] = RATIO_KEYS) -> list[dict]:
+    """Run several sides at the same time, each in its own fresh subprocess (``--concurrent``): on a shared
+    machine they then see the same load, so their CPU-time ratio is not skewed by load changes between turns
+    (each process still has its own peak RSS). ``jobs``: (cmd, out, log, label) as for :func:`_run`."""
+    procs = []
+    for cmd, _out, log, label in jobs:
+        print(f"[{time.strftime('%H:%M:%S')}] {label} (concurrent) ...", flush=True)
+        f = open(log, "w")
+        procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), f, time.perf_counter()))
+    results = []
+    for (proc, f, start), (_, out, log, label) in zip(procs, jobs, strict=True):
+        rc = proc.wait()
+        f.close()
+        if rc != 0 or not out.is_file():
+            for other, _f, _start in procs:
+                other.kill()
+            raise SystemExit(f"{label} failed (exit {rc}); last output:\n{log.read_text()[-3000:]}")
+        result = json.loads(out.read_text())
+        result["process_seconds"] = time.perf_counter() - start
+        print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
+            f"{k} {result[k]:.3f}" for k in keys if k in result), flush=True)
+        results.append(result)
+    return results
+
+
 def _parse_variant(text: str) -> tuple[str, dict]:
     """'name:field=value,field=value' -> (name, {field: value-string}); typed and checked against GPTQ's fields."""
     from compactlm.config import config_from_options
@@ -163,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="an extra compactlm row with GPTQ config overrides, e.g. "
                         "'llmc_structure:true_sequential=false,batch_size=1' (repeatable)")
     p.add_argument("--variant-bits", default="", help="bit widths at which to run the variants (default: all)")
+    p.add_argument("--autoround-python", default="",
+                   help="python of a venv holding auto-round 0.16.1: adds an AutoRound row per setting, same ids "
+                        "and harness (benchmarks/_autoround_worker.py)")
+    p.add_argument("--autoround-iters", type=int, default=0,
+                   help="AutoRound's SignRound iterations per block (0: its no-tuning mode; 200, its default, "
+                        "takes hours on this CPU)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="run llm-compressor's and our main row at the same time (one process each, --threads "
+                        "each): both then see the same machine load, which makes the CPU-time ratio fair on a "
+                        "shared machine; needs 2x the threads in cores")
     # internal: this script's own subprocess for the compactlm side
     p.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -190,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--bits takes 2, 3, 4 or 8 (comma-separated), got {b}")
     if not Path(args.llmc_python).is_file():
         raise ConfigError(f"--llmc-python {args.llmc_python} does not exist: build llm-compressor's venv first "
+                          "(docs/quantization.md, 'Side by side with llm-compressor')")
+    if args.autoround_python and not Path(args.autoround_python).is_file():
+        raise ConfigError(f"--autoround-python {args.autoround_python} does not exist: build AutoRound's venv first "
                           "(docs/quantization.md, 'Side by side with llm-compressor')")
     if args.model != "smollm2-135m":
         raise ConfigError("--model: only the default model's cached fp32 folder is wired up (smollm2-135m)")
@@ -240,11 +278,18 @@ def main(argv: list[str] | None = None) -> int:
 
         for b in bits:
             setting = ["--bits", str(b), "--group-size", str(args.group_size)]
-            theirs = _run([*llmc_cmd, *setting, "--out", str(tmpdir / f"l{b}.json")], tmpdir / f"l{b}.json",
-                          tmpdir / f"l{b}.log", f"llm-compressor GPTQModifier W{b} g{args.group_size}")
-            ours = _run([*ours_cmd, *setting, "--out", str(tmpdir / f"o{b}.json")], tmpdir / f"o{b}.json",
-                        tmpdir / f"o{b}.log", f"compactlm GPTQ W{b} g{args.group_size}")
-            row = {"bits": b, "group_size": args.group_size, "llmc": theirs, "ours": ours,
+            jobs = [([*llmc_cmd, *setting, "--out", str(tmpdir / f"l{b}.json")], tmpdir / f"l{b}.json",
+                     tmpdir / f"l{b}.log", f"llm-compressor GPTQModifier W{b} g{args.group_size}"),
+                    ([*ours_cmd, *setting, "--out", str(tmpdir / f"o{b}.json")], tmpdir / f"o{b}.json",
+                     tmpdir / f"o{b}.log", f"compactlm GPTQ W{b} g{args.group_size}")]
+            if args.autoround_python:
+                jobs.append(([args.autoround_python, str(HERE / "_autoround_worker.py"), *common, *setting,
+                              "--iters", str(args.autoround_iters), "--out", str(tmpdir / f"a{b}.json")],
+                             tmpdir / f"a{b}.json", tmpdir / f"a{b}.log",
+                             f"AutoRound iters={args.autoround_iters} W{b} g{args.group_size}"))
+            theirs, ours, *autoround = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
+            row = {"bits": b, "group_size": args.group_size, "concurrent": args.concurrent,
+                   "llmc": theirs, "ours": ours,
                    "ratio_ours_over_llmc": {k: ours[k] / theirs[k]
                                             for k in RATIO_KEYS},
                    "rss_growth_mib": {"llmc": theirs["peak_rss_mib"] - theirs["rss_before_mib"],
@@ -253,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                                "time_le_1x": ours["quantize_seconds"] <= theirs["quantize_seconds"],
                                "cpu_time_le_1x": ours["quantize_cpu_seconds"] <= theirs["quantize_cpu_seconds"],
                                "rss_le_1x": ours["peak_rss_mib"] <= theirs["peak_rss_mib"]}}
+            if autoround:
+                row["autoround"] = autoround[0]
+                row["ratio_ours_over_autoround"] = {k: ours[k] / autoround[0][k] for k in RATIO_KEYS}
+                row["targets"]["ppl_at_least_as_good_as_autoround"] = ours["ppl"] <= autoround[0]["ppl"]
             for name, overrides in variants.items() if b in variant_bits else ():
                 out = tmpdir / f"o{b}-{name}.json"
                 v = _run([*ours_cmd, *setting, "--overrides", json.dumps(overrides), "--out", str(out)], out,

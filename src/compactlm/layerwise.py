@@ -207,6 +207,9 @@ class CalibratedMethod(Protocol):
     def refine_layer(self, ctx: LayerContext, targets: dict[str, nn.Linear],
                      reference_outputs: list[torch.Tensor] | None) -> dict[str, Any] | None: ...
 
+    # Optional: ``shares_input_stats = True`` when a linear's statistics depend on its input alone (GPTQ's
+    # Hessian): linears fed the very same input tensor (q/k/v, gate/up) then share one accumulator, so it is
+    # computed once instead of once per linear.
     # Optional: ``finish_layer(ctx)``, called once a layer is done (its outputs computed, the layer back on its
     # home device, its checkpoint saved): GPTQ packs the layer's linears there, so the codes of finished layers
     # are not all held until the end of the run.
@@ -399,12 +402,46 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
     # projection, a fifth of a true-sequential layer's forward work) and its output are never computed.
     before = stop_early and not getattr(method, "needs_linear_outputs", True)
     pending: set[str] = set()
+    # Shared statistics: linears that receive the identical input tensor (same storage, shape and strides) in
+    # the first batch share the first one's accumulator; every later batch must show the same sharing. The
+    # batch's inputs are held until the batch ends so that their memory cannot be reused by another tensor
+    # of the same layout (which would then look like a shared input).
+    share = getattr(method, "shares_input_stats", False)
+    owner: dict[str, str] = {}
+    batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
+    batches_seen = [0]
+
+    def input_key(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
     def collect(name, module, inp, out):
-        method.add_batch(stats[name], name, module, inp.detach(), None if out is None else out.detach())
+        inp = inp.detach()
+        if share:
+            key = input_key(inp)
+            first = batch_inputs.get(key)
+            if batches_seen[0] == 1 and first is not None:
+                owner[name] = first[0]
+            if name in owner:
+                if first is None or first[0] != owner[name]:
+                    raise RuntimeError(f"{ctx.prefix}.{name} shared its input with {owner[name]} in the first "
+                                       "calibration batch but not in a later one")
+            else:
+                batch_inputs.setdefault(key, (name, inp))
+                method.add_batch(stats[name], name, module, inp, None if out is None else out.detach())
+                if before and batches_seen[0] > 1:
+                    # From the second batch on, the sharers' input is known to be this one: the forward may stop
+                    # here instead of running the matmuls up to the last sharer (q and k; gate).
+                    pending.difference_update(n for n, first in owner.items() if first == name)
+        else:
+            method.add_batch(stats[name], name, module, inp, None if out is None else out.detach())
         pending.discard(name)
         if stop_early and not pending:
             raise _GroupDone
+
+    def next_batch() -> None:
+        pending.update(modules)
+        batch_inputs.clear()
+        batches_seen[0] += 1
 
     def collector(name: str):
         if before:
@@ -413,7 +450,10 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
 
     handles = [m.register_forward_pre_hook(collector(n)) if before else m.register_forward_hook(collector(n))
                for n, m in modules.items()]
-    run_batches(ctx, handles, _GroupDone, before_batch=lambda: pending.update(modules))
+    run_batches(ctx, handles, _GroupDone, before_batch=next_batch)
+    batch_inputs.clear()
+    for name, first in owner.items():
+        stats[name] = stats[first]
     for name, module in modules.items():
         record = method.solve(name, module, stats[name], ctx)
         _check_finite(module.weight, f"the weight of {ctx.prefix}.{name} after solving")

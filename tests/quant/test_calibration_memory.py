@@ -104,3 +104,33 @@ def test_gptq_groups_stop_before_their_last_linear_runs():
     adapter.linears(0)["mlp.down_proj"].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     compactlm.quantize(model, GPTQ(bits=4, group_size=16, batch_size=2), calib=_calib())
     assert calls == [1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("family,cfg", [
+    ("llama", GPTQ(bits=4, group_size=16, batch_size=2)),
+    ("qwen2_moe", GPTQ(bits=3, group_size=16, act_order=False, batch_size=4)),
+    ("gemma3", GPTQ(bits=2, group_size=-1, true_sequential=False, batch_size=3)),
+])
+def test_linears_fed_the_same_input_share_one_hessian(family, cfg, monkeypatch):
+    """q/k/v and gate/up read one input tensor: one accumulator serves them, with the same packed result."""
+    calib = _calib()
+    adds = []
+    orig_add = GPTQRun.add_batch
+
+    def counting_add(self, stats, name, module, inp, out):
+        adds.append(name)
+        orig_add(self, stats, name, module, inp, out)
+
+    monkeypatch.setattr(GPTQRun, "add_batch", counting_add)
+    shared = compactlm.quantize(tiny_model(family, seed=0), cfg, calib=calib)
+    shared_adds = list(adds)
+    adds.clear()
+    monkeypatch.setattr(GPTQRun, "shares_input_stats", False)
+    separate = compactlm.quantize(tiny_model(family, seed=0), cfg, calib=calib)
+    # Fewer accumulations (k/v and up never accumulate their own Hessian), but every linear still solved.
+    assert len(shared_adds) < len(adds)
+    assert not any(n.endswith(("k_proj", "v_proj", "up_proj")) for n in shared_adds)
+    a, b = shared.state_dict(), separate.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

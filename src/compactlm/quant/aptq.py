@@ -291,6 +291,8 @@ class SensitivityRun(_AttnAware):
 class APTQRun(_AttnAware, GPTQRun):
     """Second pass: GPTQ at the allocated widths, with attention-aware q/k/v Hessians."""
 
+    shares_input_stats = False  # q/k/v each hold their own attention-aware statistics
+
     def __init__(self, model: nn.Module, cfg: APTQ, bits_for: dict[str, int]):
         GPTQRun.__init__(self, cfg, bits_for)
         self._init_attn(model, cfg, attention_aware=cfg.attention_aware)

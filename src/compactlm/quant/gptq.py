@@ -96,42 +96,61 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size:
         scale = torch.zeros(rows, cols // gw, device=W.device)
         zero = torch.zeros_like(scale)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    kz = keep_zero[:, perm] if keep_zero is not None else None
+    H = H[perm][:, perm]
+    # Transposed layout, (permuted columns, rows): each column of W is a contiguous row here, and the per-column
+    # rank-1 update then runs on a contiguous block (about 2x faster than on strided column views).
+    WT = W[:, perm].t().contiguous()
+    kzT = keep_zero[:, perm].t().contiguous() if keep_zero is not None else None
     inv = damped_inverse_cholesky(H, percdamp, name=name)
     Hinv = inv.Hinv_upper
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-    Q = torch.zeros_like(W)
+    codesT = torch.zeros(cols, rows, dtype=torch.uint8, device=W.device)
+    QT = torch.zeros_like(WT)
     loss = torch.zeros(rows, device=W.device)
     maxq = spec.maxq
+    group_of = perm // gw  # the group of each permuted column
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
+        C1 = torch.empty_like(W1)  # this block's codes, as floats
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        # The column loop runs ~150K times per model: per-column work is kept to a few in-place ops, and the
+        # per-column group parameters, pivots, codes, dequantized values and loss are gathered or computed once
+        # per block instead (the same arithmetic as the textbook loop in tests/quant/test_gptq.py, which checks
+        # that the codes agree).
+        pivots = torch.diagonal(Hinv1).tolist()
+        if static:
+            S1, Z1 = scale.t()[group_of[i1:i2]], zero.t()[group_of[i1:i2]]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gw
-            if not static and col % gw == 0:
-                # Dynamic groups: parameters from the group's current (already error-compensated) weights.
-                window = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gw]
-                s, z = choose_qparams(window, dataclasses.replace(spec, group_size=-1))
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            w, d = W1[:, i], Hinv1[i, i]
-            q = torch.clamp(torch.round(w / scale[:, g]) + zero[:, g], 0, maxq)
-            if kz is not None:
-                q = torch.where(kz[:, i1 + i], zero[:, g], q)  # the code of exactly 0
-            dq = (q - zero[:, g]) * scale[:, g]
-            codes[:, i1 + i] = q.to(torch.uint8)
-            Q[:, i1 + i] = dq
-            err = (w - dq) / d
-            loss += (w - dq) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            if static:
+                s, z = S1[i], Z1[i]
+            else:
+                col = int(perm[i1 + i])
+                g = col // gw
+                if col % gw == 0:
+                    # Dynamic groups: parameters from the group's current (already error-compensated) weights.
+                    window = torch.cat([W1[i:], WT[i2:]], dim=0)[:gw].t()
+                    s, z = choose_qparams(window, dataclasses.replace(spec, group_size=-1))
+                    scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+                s, z = scale[:, g], zero[:, g]
+            w = W1[i]
+            q = w.div(s).round_().add_(z).clamp_(0, maxq)
+            if kzT is not None:
+                q = torch.where(kzT[i1 + i], z, q)  # the code of exactly 0
+            C1[i] = q
+            err = w.sub(q.sub(z).mul_(s)).div_(pivots[i])
+            # Only the columns after i are still to be quantized (column i itself would become dq).
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1.0)
+            Err1[i] = err
+        if not static:
+            S1, Z1 = scale.t()[group_of[i1:i2]], zero.t()[group_of[i1:i2]]
+        codesT[i1:i2] = C1.to(torch.uint8)
+        QT[i1:i2] = (C1 - Z1) * S1
+        loss += Err1.square().sum(dim=0) / 2  # sum_i (w_i - q_i)^2 / [H^-1]_ii^2 / 2
+        WT[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
     inv_perm = torch.argsort(perm)
-    return GPTQResult(codes[:, inv_perm], scale, zero, Q[:, inv_perm], float(loss.sum()), inv.damp, inv.retries,
-                      int(dead.sum()))
+    return GPTQResult(codesT[inv_perm].t().contiguous(), scale, zero, QT[inv_perm].t().contiguous(), float(loss.sum()),
+                      inv.damp, inv.retries, int(dead.sum()))
 
 
 class GPTQRun:
@@ -139,6 +158,7 @@ class GPTQRun:
 
     needs_reference_outputs = False
     needs_linear_outputs = False  # the Hessian needs only each linear's inputs (the driver then skips the outputs)
+    shares_input_stats = True  # q/k/v (and gate/up) see one input: one Hessian for them (solve never writes it)
 
     def __init__(self, cfg: GPTQ, bits_for: dict[str, int] | None = None):
         self.cfg = cfg
