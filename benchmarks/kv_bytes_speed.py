@@ -68,6 +68,16 @@ BYTES_CONFIGS = {
     "int2-g32-r256-s16": KVQuant(bits=2, group_size=32, residual=256, sinks=16),
     "k4v2-g32-r128-s16": KVQuant(bits=2, key_bits=4, group_size=32, residual=128, sinks=16),
     "k4v2-g32-r128-s16-prerope": KVQuant(bits=2, key_bits=4, group_size=32, residual=128, sinks=16, pre_rope=True),
+    # the third int2 screen: error-fitted ranges, 1-byte metadata, Hadamard-rotated values (pre-RoPE positions
+    # now held once per group: the earlier pre-RoPE rows above held one int32 per token, +118 B/token at 8K)
+    "int2-g32-r128-s16-prerope-m8-clip": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
+                                                 meta_dtype="int8", clip_search=True),
+    "int2-g32-r128-s16-prerope-m8-clip-vrot": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
+                                                      meta_dtype="int8", clip_search=True, value_rotation=True),
+    "int2-g32-r128-s16-prerope-m4": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
+                                            meta_dtype="int4"),
+    "int2-g32-r128-s16-prerope-m4-vrot": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
+                                                 meta_dtype="int4", value_rotation=True),
 }
 
 

@@ -52,7 +52,10 @@ class QuantizedKVLayer(DynamicLayer):
         self.sink_k = self.sink_v = None  # (B, H, S, D) full precision
         self.qk: QuantizedKV | None = None  # keys, grouped along tokens
         self.qv: QuantizedKV | None = None  # values, grouped along channels
-        self.qpos: torch.Tensor | None = None  # (B, Tq) int32 positions of quantized keys (pre_rope only)
+        # positions of quantized keys (pre_rope only): (B, Tq/G) int32 first position of each group while every
+        # group's positions are consecutive (4 bytes per group instead of per token), else (B, Tq) per token
+        self.qpos: torch.Tensor | None = None
+        self.qpos_grouped = True
         self.rpos: torch.Tensor | None = None  # (B, R') positions of the recent window (pre_rope only)
         self.cumulative_length = 0
         self.fused_pending = False  # set when update skipped materialising for a fused decode handler
@@ -125,22 +128,48 @@ class QuantizedKVLayer(DynamicLayer):
         if self.cfg.pre_rope:
             pos = self.rpos[:, :m]
             k = self.rope(k, pos, True)  # un-rotate: quantize pre-RoPE keys
-            self.qpos = pos if self.qpos is None else torch.cat([self.qpos, pos], -1)
+            self._store_positions(pos, flushed_valid)
             self.rpos = self.rpos[:, m:]
-        qk = QuantizedKV.quantize(k, self.cfg.k_bits, g, -2, self.meta_dtype, flushed_valid)
+        clip = self.cfg.clip_search
+        qk = QuantizedKV.quantize(k, self.cfg.k_bits, g, -2, self.meta_dtype, flushed_valid, clip, self.qk)
         if self.cfg.value_rotation:  # quantize v·H; read back as dequant(v·H)·H (H symmetric orthonormal)
             v = v.float() @ hadamard(v.shape[-1], v.device)
-        qv = QuantizedKV.quantize(v, self.cfg.v_bits, self.cfg.value_group(v.shape[-1]), -1, self.meta_dtype)
+        qv = QuantizedKV.quantize(v, self.cfg.v_bits, self.cfg.value_group(v.shape[-1]), -1, self.meta_dtype,
+                                  None, clip, self.qv)
         self.qk = qk if self.qk is None else self.qk.append(qk)
         self.qv = qv if self.qv is None else self.qv.append(qv)
         self.keys, self.values = self.keys[..., m:, :].contiguous(), self.values[..., m:, :].contiguous()
+
+    def _store_positions(self, pos: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Append the positions (B, m) of flushed keys: one per group while they run consecutively."""
+        g = self.cfg.group_size
+        first = pos[:, g - 1:: g] - (g - 1)  # (B, m/G): anchored on each group's last token (left padding)
+        regular = first.repeat_interleave(g, -1) + torch.arange(g, device=pos.device).repeat(pos.shape[-1] // g)
+        same = regular == pos
+        if valid is not None:  # padded tokens are never attended: their positions need not fit
+            same = same | ~valid.bool()
+        if self.qpos_grouped and not bool(same.all()):  # irregular position ids: keep one per token from now on
+            if self.qpos is not None:
+                self.qpos = self._key_positions(0, self.quantized_length)
+            self.qpos_grouped = False
+        new = first if self.qpos_grouped else pos
+        self.qpos = new if self.qpos is None else torch.cat([self.qpos, new], -1)
+
+    def _key_positions(self, start: int, end: int) -> torch.Tensor:
+        """Positions (B, end-start) of quantized keys ``[start, end)`` (group edges)."""
+        if not self.qpos_grouped:
+            return self.qpos[:, start:end]
+        g = self.cfg.group_size
+        first = self.qpos[:, start // g: end // g]
+        return first.repeat_interleave(g, -1) + torch.arange(g, device=first.device, dtype=first.dtype).repeat(
+            first.shape[-1])
 
     # --- reading --------------------------------------------------------------------------------------
     def dequantized_keys(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Quantized keys ``[start, end)`` (store coordinates) back in ``dtype``, RoPE re-applied if pre-RoPE."""
         k = self.qk.dequantize(dtype, start, end)
         if self.cfg.pre_rope:
-            k = self.rope(k, self.qpos[:, start:end], False)
+            k = self.rope(k, self._key_positions(start, end), False)
         return k
 
     def dequantized_values(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:

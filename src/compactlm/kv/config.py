@@ -30,7 +30,11 @@ class KVQuant(BaseConfig):
         value_group_size: channels per value group (None: ``group_size``, capped at the head dim).
         meta_dtype: format of the stored scales and zeros: fp16 (default), bf16, fp32, or int8 (2 bytes
             per group instead of 4: a uint8 log2 scale in 1/8-octave steps and an int8 zero point; see
-            ``quantizer.encode_meta8``).
+            ``quantizer.encode_meta8``), or int4 (1 byte per group: 4-bit scale and offset codes relative to a
+            per-channel base fixed at a layer's first flush, fitted by lowest reconstruction error; see
+            ``compactlm.kv.fit``).
+        clip_search: fit each group's range by the lowest squared reconstruction error over a grid of ranges
+            cut at both ends (``fit.CLIP_GRID``) instead of min-max; costs no bytes, only flush time.
         value_rotation: rotate each token's value channels by an orthonormal Hadamard matrix before
             quantizing (QuaRot, arXiv 2404.00456, §4) and back when read (exact in full precision; needs
             a power-of-two head dim). Keys are not rotated: their per-channel groups rely on outliers
@@ -49,6 +53,7 @@ class KVQuant(BaseConfig):
     pre_rope: bool = False
     value_group_size: int | None = None
     meta_dtype: str = "fp16"
+    clip_search: bool = False
     value_rotation: bool = False
     fused_attention: bool = True
     chunk_tokens: int = 1024
@@ -70,8 +75,10 @@ class KVQuant(BaseConfig):
             raise ConfigError(f"KVQuant.residual must be an integer ≥ 0 (KIVI uses 128), got {self.residual!r}")
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise ConfigError(f"KVQuant.sinks must be an integer ≥ 0, got {self.sinks!r}")
-        if self.meta_dtype not in ("fp16", "bf16", "fp32", "int8"):
-            raise ConfigError(f"KVQuant.meta_dtype must be fp16, bf16, fp32 or int8, got {self.meta_dtype!r}")
+        if self.meta_dtype not in ("fp16", "bf16", "fp32", "int8", "int4"):
+            raise ConfigError(f"KVQuant.meta_dtype must be fp16, bf16, fp32, int8 or int4, got {self.meta_dtype!r}")
+        if not isinstance(self.clip_search, bool):
+            raise ConfigError(f"KVQuant.clip_search must be True or False, got {self.clip_search!r}")
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < self.group_size \
                 or self.chunk_tokens % self.group_size:
             raise ConfigError(f"KVQuant.chunk_tokens must be a positive multiple of group_size ({self.group_size}), "
@@ -107,7 +114,8 @@ class KVQuant(BaseConfig):
     def label(self) -> str:
         extra = (f"-vg{self.value_group_size}" if self.value_group_size else "") + (
             f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "") + (
-            "-m8" if self.meta_dtype == "int8" else "") + ("-vrot" if self.value_rotation else "")
+            {"int8": "-m8", "int4": "-m4"}.get(self.meta_dtype, "")) + ("-clip" if self.clip_search else "") + (
+            "-vrot" if self.value_rotation else "")
         # "k4v2" where keys and values differ, "int2" where they agree (whatever spelled it)
         name = f"int{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
         return f"{name}-g{self.group_size}-r{self.residual}{extra}"

@@ -18,6 +18,10 @@ in quarter steps, ``x ≈ scale · (code - z / 4)`` (integer zero points: Jacob 
 32 scales (the int8 range), the scale is enlarged until it fits. The codes are fitted to the stored
 (decoded) scale and zero point, as for the float formats; on random groups of 32 the SQNR is within
 ~0.05 dB of fp16 metadata at 2 bits.
+
+``meta_dtype="int4"`` stores 1 byte per group (4-bit scale and offset codes relative to a per-row base,
+see :mod:`compactlm.kv.fit`); for it ``quantize_groups`` returns the base in place of the zero tensor.
+``clip_search=True`` fits every group's range by the lowest reconstruction error (:func:`fit.search_range`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .fit import decode_meta4, fit_meta4, meta4_base, search_range
+
 VALID_BITS = (2, 4, 8)
 META8 = "int8"  # meta_dtype of the 2-byte metadata format (uint8 log2 scale + int8 zero point)
+META4 = "int4"  # meta_dtype of the 1-byte metadata format (4-bit scale and offset codes + a per-row base)
 # KVQuant.meta_dtype name -> what quantize_groups takes as its meta_dtype (the cache and the inspector's simulation).
 META_DTYPES: dict[str, torch.dtype | str] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-                                             "int8": META8}
+                                             "int8": META8, "int4": META4}
 _LOG_STEPS = 8  # scale codes per octave
 _LOG_BIAS = 128  # scale code of 2^0: scales 2^-16 .. 2^15.875
 _ZERO_STEPS = 4  # zero-point units per scale step
@@ -56,8 +63,15 @@ def decode_meta8(scale_code: torch.Tensor, zero_point: torch.Tensor,
     return scale.to(dtype), (-zero_point.float() / _ZERO_STEPS * scale).to(dtype)
 
 
+def is_meta4(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """True for the 1-byte format: uint8 packed codes with a float (B, H, 1, rows, 3) base as ``zero``."""
+    return scale.dtype == torch.uint8 and zero.is_floating_point()
+
+
 def decode_meta(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored metadata (float, or the 8-bit format when ``scale`` is uint8) as float ``(scale, zero)`` in ``dtype``."""
+    """Stored metadata (float, the 2-byte or the 1-byte format) as float ``(scale, zero)`` in ``dtype``."""
+    if is_meta4(scale, zero):
+        return decode_meta4(scale, zero, dtype)
     if scale.dtype == torch.uint8:
         return decode_meta8(scale, zero, dtype)
     return scale.to(dtype), zero.to(dtype)
@@ -84,40 +98,53 @@ def _grouped(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
 
 def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int,
                     meta_dtype: torch.dtype | str = torch.float16,
-                    valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max codes of ``x`` (B, H, T, D) in groups along ``dim``.
+                    valid: torch.Tensor | None = None, clip_search: bool = False,
+                    base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric codes of ``x`` (B, H, T, D) in groups along ``dim`` (min-max range, or searched).
 
     Returns ``(codes uint8 (B, H, T, D), scale, zero)`` with scale/zero (B, H, T/G, D) for ``dim=-2``
     and (B, H, T, D/G) for ``dim=-1``, in ``meta_dtype`` (``"int8"``: uint8 scale codes and int8 zero
-    points, see :func:`encode_meta8`). ``valid`` (B, T) bool excludes padded tokens from the min/max of
-    token groups (their codes are still produced, and never attended to).
+    points, see :func:`encode_meta8`; ``"int4"``: one packed uint8 per group and, as ``zero``, the per-row
+    base (B, H, 1, rows, 3) — ``base`` passes the one a layer fixed at its first flush, None computes it
+    from ``x``). ``valid`` (B, T) bool excludes padded tokens from the range and the fitting error of token
+    groups (their codes are still produced, and never attended to). ``clip_search`` picks each group's range
+    by the lowest reconstruction error (:func:`compactlm.kv.fit.search_range`); the 1-byte format always does.
     """
     _check(bits, group_size, x, dim)
     qmax = 2 ** bits - 1
     xf = x.float()
     g = _grouped(xf, group_size, dim)
+    w = empty = None
     if valid is not None and dim == -2:
         v = valid[:, None, :, None].to(torch.bool).expand_as(xf)  # (B, H, T, D)
-        vg = _grouped(v, group_size, dim)
-        mn = torch.where(vg, g, torch.inf).amin(dim)
-        mx = torch.where(vg, g, -torch.inf).amax(dim)
-        empty = ~vg.any(dim)
+        w = _grouped(v, group_size, dim)
+        mn = torch.where(w, g, torch.inf).amin(dim)
+        mx = torch.where(w, g, -torch.inf).amax(dim)
+        empty = ~w.any(dim)
         mn = torch.where(empty, 0.0, mn)
         mx = torch.where(empty, 0.0, mx)
     else:
         mn, mx = g.amin(dim), g.amax(dim)
+    if meta_dtype == META4:
+        base = meta4_base(mn, mx, qmax, dim, empty) if base is None else base
+        scale, s, z = fit_meta4(g, mn, mx, base, qmax, dim, w)
+        codes = ((g - z.unsqueeze(dim)) / s.unsqueeze(dim)).round_().clamp_(0, qmax)
+        return codes.to(torch.uint8).reshape(x.shape), scale, base
     if isinstance(meta_dtype, str):
         if meta_dtype != META8:
-            raise ValueError(f"meta_dtype must be a torch float dtype or {META8!r}, got {meta_dtype!r}")
-        scale, zero = encode_meta8(mn, mx, qmax)
-        s, z = decode_meta8(scale, zero)
-        codes = ((g - z.unsqueeze(dim)) / s.unsqueeze(dim)).round_().clamp_(0, qmax)
-        return codes.to(torch.uint8).reshape(x.shape), scale, zero
-    scale = ((mx - mn) / qmax).to(meta_dtype)
-    zero = mn.to(meta_dtype)
-    s = scale.float()
-    s = torch.where(s > 0, s, torch.ones_like(s))  # constant groups: any scale reproduces them exactly
-    codes = ((g - zero.float().unsqueeze(dim)) / s.unsqueeze(dim)).round_().clamp_(0, qmax)
+            raise ValueError(f"meta_dtype must be a torch float dtype, {META8!r} or {META4!r}, got {meta_dtype!r}")
+
+        def encode(lo, hi):
+            sc, zp = encode_meta8(lo, hi, qmax)
+            return (sc, zp, *decode_meta8(sc, zp))
+    else:
+        def encode(lo, hi):
+            sc, lo_m = ((hi - lo) / qmax).to(meta_dtype), lo.to(meta_dtype)
+            s = sc.float()
+            s = torch.where(s > 0, s, torch.ones_like(s))  # constant groups: any scale reproduces them exactly
+            return sc, lo_m, s, lo_m.float()
+    scale, zero, s, z = search_range(g, mn, mx, qmax, dim, encode, w) if clip_search else encode(mn, mx)
+    codes = ((g - z.unsqueeze(dim)) / s.unsqueeze(dim)).round_().clamp_(0, qmax)
     return codes.to(torch.uint8).reshape(x.shape), scale, zero
 
 
@@ -192,16 +219,23 @@ class QuantizedKV:
 
     packed: torch.Tensor  # uint8 (B, H, T, D·bits/8)
     scale: torch.Tensor  # (B, H, T/G, D) for keys (dim=-2), (B, H, T, D/G) for values (dim=-1)
-    zero: torch.Tensor
+    zero: torch.Tensor  # same shape as scale; the 1-byte format: the per-row base (B, H, 1, rows, 3), kept once
     bits: int
     group_size: int
     dim: int
 
     @classmethod
     def quantize(cls, x: torch.Tensor, bits: int, group_size: int, dim: int,
-                 meta_dtype: torch.dtype | str = torch.float16, valid: torch.Tensor | None = None) -> QuantizedKV:
-        codes, scale, zero = quantize_groups(x, bits, group_size, dim, meta_dtype, valid)
+                 meta_dtype: torch.dtype | str = torch.float16, valid: torch.Tensor | None = None,
+                 clip_search: bool = False, like: QuantizedKV | None = None) -> QuantizedKV:
+        """Quantize ``x``; ``like`` (the store this will be appended to) passes its 1-byte-metadata base on."""
+        base = like.zero if like is not None and like.meta4 else None
+        codes, scale, zero = quantize_groups(x, bits, group_size, dim, meta_dtype, valid, clip_search, base)
         return cls(pack_codes(codes, bits), scale, zero, bits, group_size, dim)
+
+    @property
+    def meta4(self) -> bool:
+        return is_meta4(self.scale, self.zero)
 
     @property
     def length(self) -> int:
@@ -215,22 +249,28 @@ class QuantizedKV:
         g = self.group_size if self.dim == -2 else 1
         return slice(start // g, end // g)
 
+    def _zero_rows(self, rows: slice) -> torch.Tensor:
+        return self.zero if self.meta4 else self.zero[..., rows, :]
+
     def meta(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Float ``(scale, zero)`` in ``dtype`` of the groups covering tokens ``[start, end)``."""
         rows = self._meta_rows(start, end)
-        return decode_meta(self.scale[..., rows, :], self.zero[..., rows, :], dtype)
+        return decode_meta(self.scale[..., rows, :], self._zero_rows(rows), dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Tokens ``[start, end)`` dequantized to ``dtype`` (token-grouped tensors: bounds on group edges)."""
         end = self.length if end is None else end
         rows = self._meta_rows(start, end)
         codes = unpack_codes(self.packed[..., start:end, :], self.bits)
-        return dequantize_groups(codes, self.scale[..., rows, :], self.zero[..., rows, :], self.group_size,
+        return dequantize_groups(codes, self.scale[..., rows, :], self._zero_rows(rows), self.group_size,
                                  self.dim, dtype)
 
     def append(self, other: QuantizedKV) -> QuantizedKV:
+        if self.meta4 and other.zero is not self.zero:
+            raise ValueError("1-byte metadata: quantize what you append with like=<this store> (one base per layer)")
+        zero = self.zero if self.meta4 else torch.cat([self.zero, other.zero], -2)  # one base per layer
         return QuantizedKV(torch.cat([self.packed, other.packed], -2), torch.cat([self.scale, other.scale], -2),
-                           torch.cat([self.zero, other.zero], -2), self.bits, self.group_size, self.dim)
+                           zero, self.bits, self.group_size, self.dim)
 
     def map_batch(self, fn) -> QuantizedKV:
         """Apply ``fn`` to the batch dim of every held tensor (beam reorder, batch select, repeat)."""
