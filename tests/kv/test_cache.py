@@ -380,3 +380,91 @@ def test_per_tensor_bit_widths_options_round_trip_and_validation():
     for bad in ({"key_bits": 3}, {"value_bits": 16}, {"key_bits": "4"}):
         with pytest.raises(ConfigError, match="key_bits|value_bits"):
             KVQuant(**bad)
+
+
+@pytest.mark.parametrize("spec", [dict(meta_dtype="int4"), dict(meta_dtype="int4", value_rotation=True),
+                                  dict(meta_dtype="int8", clip_search=True),
+                                  dict(meta_dtype="fp16", clip_search=True, value_rotation=True)])
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_fused_decode_attention_matches_reference_with_fitted_ranges(spec, pre_rope):
+    """Error-fitted ranges and the 1-byte metadata change only the stored numbers: the chunked path still
+    equals dequantize-everything + plain softmax, also after decode-time flushes reuse the first base."""
+    model = tiny_model("llama")
+    cfg = KVQuant(bits=2, group_size=8, residual=8, sinks=2, pre_rope=pre_rope, chunk_tokens=16, **spec)
+    layer = QuantizedKVCache(model, cfg).layers[0]
+    g = torch.Generator().manual_seed(2)
+    layer.update(torch.randn(2, 2, 50, 16, generator=g), torch.randn(2, 2, 50, 16, generator=g))
+    for _ in range(20):  # two more flushes of one group each
+        layer.update(torch.randn(2, 2, 1, 16, generator=g) * 2, torch.randn(2, 2, 1, 16, generator=g) * 2)
+    assert layer.quantized_length == 56
+    query = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = layer.materialize()
+    ref = reference_attention(query, k, v, 0.25)
+    got = quantized_decode_attention(query, layer, 0.25)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+
+
+def test_fitted_ranges_lower_the_cache_error_and_one_byte_metadata_stays_close():
+    """On the tiny model, 2-bit caches with searched ranges track the full model better than min-max."""
+    model = tiny_model("llama")
+    ids = _ids(1, 64)
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for name, kw in {"minmax": {}, "clip": dict(clip_search=True), "m4": dict(meta_dtype="int4")}.items():
+        cache = QuantizedKVCache(model, KVQuant(bits=2, group_size=8, residual=8, **kw))
+        errs[name] = (_run(model, ids, cache, 32) - ref).square().mean().item()
+    assert errs["clip"] < errs["minmax"] and errs["m4"] < errs["minmax"], errs
+
+
+def test_pre_rope_positions_are_held_once_per_group_and_irregular_ones_per_token():
+    model = tiny_model("llama")
+    cfg = KVQuant(bits=8, group_size=8, residual=8, pre_rope=True)
+    k = torch.randn(1, 2, 40, 16)
+    layer = QuantizedKVCache(model, cfg).layers[0]
+    layer.update(k, k)
+    assert layer.qpos_grouped and layer.qpos.shape == (1, 32 // 8)  # 4 bytes per group, not per token
+    keys, _ = layer.materialize()
+    assert (keys - k).abs().max() < 0.05
+    odd = QuantizedKVCache(model, cfg).layers[0]
+    pos = torch.arange(40)[None] * 2  # position ids that skip: not consecutive within a group
+    odd.update(k, k, position_ids=pos)
+    odd.update(k[..., :8, :], k[..., :8, :], position_ids=torch.arange(80, 88)[None])
+    assert not odd.qpos_grouped and odd.qpos.shape == (1, 40)
+    assert torch.equal(odd.qpos[0, :32], pos[0, :32].int())
+    rope = odd.rope
+    ref = rope(rope(k[..., :32, :], pos[:, :32].int(), True), pos[:, :32].int(), False)
+    assert (odd.dequantized_keys(0, 32, torch.float32) - ref).abs().max() < 0.05
+
+
+def test_left_padded_batch_matches_rows_alone_with_pre_rope_positions_per_group():
+    model = tiny_model("llama")
+    cfg = KVQuant(bits=8, group_size=4, residual=4, pre_rope=True)
+    a, b = _ids(1, 20, 1), _ids(1, 14, 2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    with kv_cache(model, cfg) as session, torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        assert session.cache.layers[0].qpos_grouped  # padded positions do not count as irregular
+        alone = model.generate(b, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                               return_dict_in_generate=True)
+    batched_logits = torch.stack([lg[1] for lg in out.logits])
+    alone_logits = torch.stack([lg[0] for lg in alone.logits])
+    assert (batched_logits - alone_logits).abs().max() < 0.05 * alone_logits.abs().max()
+
+
+def test_fit_options_validate_label_and_parse():
+    cfg = KVQuant(bits=2, sinks=16, pre_rope=True, meta_dtype="int4", clip_search=True)
+    assert cfg.label == "int2-g32-r128-s16-prerope-m4-clip"
+    assert BaseConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="clip_search"):
+        KVQuant(clip_search="yes")
+    with pytest.raises(ConfigError, match="int4"):
+        KVQuant(meta_dtype="int3")
+    with pytest.raises(ConfigError, match="2-bit"):
+        KVQuant(bits=2, key_bits=4, meta_dtype="int4")
+    m = build_method(tiny_model("llama"), "kv", "int2", {"meta_dtype": "int4", "clip_search": "true",
+                                                         "group_size": "8", "residual": "8"})
+    assert "m4-clip" in m.name

@@ -153,3 +153,70 @@ def test_quantized_kv_int8_metadata_bytes_and_slices():
     assert torch.equal(q.dequantize(start=16, end=48), full[..., 16:48, :])
     s, z = q.meta(16, 48, torch.float32)
     assert s.shape == (1, 2, 2, 16) and z.dtype == torch.float32
+
+
+def _sq_err(x, y, group_size, dim):
+    g = x.reshape(*x.shape[:2], -1, group_size, x.shape[-1]) if dim == -2 else x.reshape(*x.shape[:3], -1, group_size)
+    h = y.reshape(g.shape)
+    return (g - h).square().sum(dim)  # per group
+
+
+@pytest.mark.parametrize("meta", [torch.float16, "int8"])
+@pytest.mark.parametrize("dim", [-2, -1])
+def test_clip_search_never_loses_to_min_max_and_wins_on_outliers(meta, dim):
+    """The searched range includes min-max (no cut), so no group's error may grow; with one outlier per
+    group of 2-bit codes the cut range must lower the total error clearly (here by more than 20 %)."""
+    x = _x((1, 2, 64, 32), seed=6)
+    x[..., ::16, 3] *= 8  # outlier tokens in a channel (keys) / outlier channels in tokens (values)
+    x[..., 5, ::16] *= 8
+    mm = dequantize_groups(*quantize_groups(x, 2, 16, dim, meta), 16, dim)
+    codes, scale, zero = quantize_groups(x, 2, 16, dim, meta, clip_search=True)
+    cs = dequantize_groups(codes, scale, zero, 16, dim)
+    e_mm, e_cs = _sq_err(x, mm, 16, dim), _sq_err(x, cs, 16, dim)
+    assert (e_cs <= e_mm * (1 + 1e-5) + 1e-6).all(), (e_cs - e_mm).max()
+    assert e_cs.sum() < 0.8 * e_mm.sum(), (e_cs.sum(), e_mm.sum())
+    assert scale.dtype == (torch.uint8 if meta == "int8" else torch.float16)  # same stored format, same bytes
+
+
+def test_clip_search_ignores_padded_tokens():
+    """Padded tokens (valid False) must not steer the fitted range: huge pads leave the codes unchanged."""
+    x = _x((1, 1, 32, 8), seed=7)
+    valid = torch.ones(1, 32, dtype=torch.bool)
+    valid[:, :6] = False
+    y = x.clone()
+    y[..., :6, :] = 1e4
+    a = quantize_groups(x, 2, 16, -2, "int8", valid, clip_search=True)
+    b = quantize_groups(y, 2, 16, -2, "int8", valid, clip_search=True)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert torch.equal(a[0][..., 6:, :], b[0][..., 6:, :])
+
+
+@pytest.mark.parametrize("dim", [-2, -1])
+def test_one_byte_metadata_is_one_byte_per_group_and_near_the_searched_two_byte_format(dim):
+    """meta_dtype="int4": one uint8 per group plus a per-row base; its error stays within 10 % of the
+    searched 2-byte format (1-byte codes are fitted by the same error criterion) and below min-max's."""
+    x = _x((2, 3, 64, 32), seed=8) * torch.linspace(0.5, 2, 32) + torch.linspace(-3, 3, 32)  # keys-like
+    codes, scale, base = quantize_groups(x, 2, 16, dim, "int4")
+    rows = 32 if dim == -2 else 2
+    assert scale.dtype == torch.uint8 and scale.shape == ((2, 3, 4, 32) if dim == -2 else (2, 3, 64, 2))
+    assert base.shape == (2, 3, 1, rows, 3) and base.dtype == torch.float32
+    y = dequantize_groups(codes, scale, base, 16, dim)
+    m8 = dequantize_groups(*quantize_groups(x, 2, 16, dim, "int8", clip_search=True), 16, dim)
+    mm = dequantize_groups(*quantize_groups(x, 2, 16, dim, torch.float16), 16, dim)
+    e4, e8, emm = ((x - t).square().sum().item() for t in (y, m8, mm))
+    assert e4 < 1.1 * e8 and e4 < emm, (e4, e8, emm)
+
+
+def test_one_byte_metadata_store_keeps_its_first_base_and_counts_it():
+    x = _x((1, 2, 64, 16), seed=9)
+    q = QuantizedKV.quantize(x[..., :32, :], 2, 16, -2, "int4")
+    later = QuantizedKV.quantize(x[..., 32:, :] * 3, 2, 16, -2, "int4", like=q)
+    assert later.zero is q.zero  # the base fixed by the first flush is reused, not refitted
+    both = q.append(later)
+    assert both.meta4 and both.zero is q.zero
+    assert both.nbytes == 2 * 64 * 4 + 2 * 4 * 16 + q.zero.numel() * 4  # codes + 1 byte per group + base
+    full = both.dequantize()
+    assert torch.equal(both.dequantize(start=16, end=48), full[..., 16:48, :])
+    assert (full - torch.cat([x[..., :32, :], x[..., 32:, :] * 3], -2)).square().mean() < 0.25 * (x * 3).var()
+    with pytest.raises(ValueError, match="like="):
+        q.append(QuantizedKV.quantize(x[..., 32:, :], 2, 16, -2, "int4"))  # a second base: refused

@@ -77,6 +77,10 @@ class KVQuant(BaseConfig):
             raise ConfigError(f"KVQuant.sinks must be an integer ≥ 0, got {self.sinks!r}")
         if self.meta_dtype not in ("fp16", "bf16", "fp32", "int8", "int4"):
             raise ConfigError(f"KVQuant.meta_dtype must be fp16, bf16, fp32, int8 or int4, got {self.meta_dtype!r}")
+        if self.meta_dtype == "int4" and (self.k_bits, self.v_bits) != (2, 2):
+            raise ConfigError("KVQuant(meta_dtype='int4') is for 2-bit keys and values (its offsets span ±1.5 steps "
+                              "around a channel's midpoint, which fits 3-step codes); use meta_dtype='int8' or 'fp16' "
+                              f"for {self.k_bits}-bit keys / {self.v_bits}-bit values")
         if not isinstance(self.clip_search, bool):
             raise ConfigError(f"KVQuant.clip_search must be True or False, got {self.clip_search!r}")
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < self.group_size \
