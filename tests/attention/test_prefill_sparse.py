@@ -56,10 +56,30 @@ def test_config_round_trip_and_alias():
     (dict(dense_layers=(-2,)), "dense_layers"),
     (dict(impl="cuda"), "impl"),
     (dict(last_q=0), "last_q"),
+    (dict(long_share_len=300), "long_share_len"),
+    (dict(long_from=0), "long_from"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SparsePrefillConfig(**kwargs)
+
+
+def test_long_prompts_use_long_share_len():
+    """From long_from keys on, selection groups long_share_len queries: the same layout as that share_len."""
+    cfg = SparsePrefillConfig(**SMALL, long_share_len=64, long_from=400, keep_ratio=0.25)
+    assert cfg.at_length(399) is cfg and cfg.at_length(400).share_len == 64
+    assert SparsePrefillConfig(share_len=512, block_size=512).at_length(10**6).share_len == 512  # never smaller
+    assert SparsePrefillConfig(long_share_len=None).at_length(10**6).share_len == 128
+    q, k = qk(q_len=456, kv_len=456)
+    as_long = select_blocks(q, k, cfg)
+    as_64 = select_blocks(q, k, dataclasses.replace(cfg, share_len=64, long_share_len=None))
+    as_32 = select_blocks(q, k, dataclasses.replace(cfg, long_share_len=None))
+    assert torch.equal(kept_blocks(as_long), kept_blocks(as_64))
+    assert not torch.equal(kept_blocks(as_long), kept_blocks(as_32))  # the group size really changed
+    short = select_blocks(q[:, :, :399], k[:, :, :399], cfg)
+    assert torch.equal(kept_blocks(short),
+                       kept_blocks(select_blocks(q[:, :, :399], k[:, :, :399], dataclasses.replace(cfg,
+                                                                                                long_share_len=None))))
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -288,6 +308,16 @@ def test_bench_cli_writes_protocol_rows(tmp_path, capsys):
         # select_share divides two separately timed runs, so on a loaded machine it can exceed 1: only its
         # presence and sign are checked here (speed belongs to benchmarks, not unit tests).
         assert r["ideal_ratio"] == pytest.approx(1 / r["block_fraction"]) and r["select_share"] > 0
+        assert r["cpu_ms"] > 0 and r["ratio_cpu"] == pytest.approx(r["dense_cpu_ms"] / r["cpu_ms"])
+    # several share lengths: one row each, timed in the same rounds against the same dense baseline
+    rc = main(["bench", "prefill-attention", "--lengths", "256", "--heads", "2", "--kv-heads", "1", "--head-dim",
+               "16", "--block-size", "16", "--share-len", "16,32", "--threshold", "0", "--repeats", "1", "--dtype",
+               "fp32", "--quiet", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and [r["method"] for r in data["results"]] == ["sparse-keep0.25-share16", "sparse-keep0.25-share32"]
+    assert data["configs"]["sparse-keep0.25-share32"]["share_len"] == 32
+    assert len({r["dense_ms"] for r in data["results"]}) == 1
+    assert main(["bench", "prefill-attention", "--lengths", "256", "--share-len", "a,b"]) == 2
     assert main(["bench", "prefill-attention", "--lengths", "four-k"]) == 2
     assert main(["bench", "prefill-attention", "--lengths", "1k", "--dense", "cudnn"]) == 2
     assert "--lengths takes sizes" in capsys.readouterr().err

@@ -27,7 +27,13 @@ def register(groups) -> None:
     p.add_argument("--keep", type=float, default=0.25, help="keep-ratio method's budget (default 0.25; 0 = skip)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold method's score mass (default 0.9; 0 = skip)")
     p.add_argument("--score", default="lse", help="block score: mean, max, lse (default), quest, vertical_slash")
-    p.add_argument("--share-len", type=int, default=128, help="queries sharing one block set (default 128)")
+    p.add_argument("--share-len", default="128",
+                   help="queries sharing one block set (default 128); a comma-separated list times one row per value, "
+                        "all in the same rounds")
+    p.add_argument("--long-share-len", type=int, default=256,
+                   help="query group size from --long-from keys on, when larger than --share-len (default 256, the "
+                        "config default; 0 = --share-len at every length)")
+    p.add_argument("--long-from", type=int, default=16384, help="length where --long-share-len starts (default 16384)")
     p.add_argument("--block-size", type=int, default=64, help="KV block size in tokens (default 64)")
     p.add_argument("--heads", type=int, default=8, help="query heads (default 8, the CPU shape)")
     p.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
@@ -40,23 +46,28 @@ def register(groups) -> None:
     p.set_defaults(func=run)
 
 
-def interleaved_ms(entries: dict[str, Any], repeats: int, log) -> dict[str, float]:
-    """Median ms of each entry's callable, timed round-robin: one warm-up call each (it also compiles
-    FlexAttention), then ``repeats`` rounds that call every entry once, so a load change on a shared machine
-    hits every entry alike instead of whichever happened to run during it."""
+def interleaved_ms(entries: dict[str, Any], repeats: int, log) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms and median CPU ms of each entry's callable, timed round-robin: one warm-up call each (it
+    also compiles FlexAttention), then ``repeats`` rounds that call every entry once, so a load change on a
+    shared machine hits every entry alike instead of whichever happened to run during it. The CPU time
+    (``time.process_time``, this process only) is the figure to read under load with one thread: other jobs
+    stretch the wall time, not the work done."""
     import statistics
     import time
 
-    times: dict[str, list[float]] = {name: [] for name in entries}
+    wall: dict[str, list[float]] = {name: [] for name in entries}
+    cpu: dict[str, list[float]] = {name: [] for name in entries}
     for name, fn in entries.items():
         fn()
         log(f"  warmed up {name}")
     for _ in range(repeats):
         for name, fn in entries.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(1e3 * (time.perf_counter() - start))
+            cpu[name].append(1e3 * (time.process_time() - start_cpu))
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
 
 
 def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[str, Any]]:
@@ -85,21 +96,24 @@ def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[s
             entries[f"{name}:{impl}"] = lambda cfg=cfg, impl=impl: block_attention(q, k, v, select_blocks(q, k, cfg),
                                                                                    impl=impl)
     with torch.no_grad():
-        ms = interleaved_ms(entries, args.repeats, log)
+        ms, cpu_ms = interleaved_ms(entries, args.repeats, log)
     sdpa_ms, flex_ms = ms["sdpa"], ms.get("flex_dense")
     dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms or float("inf"), "flex_dense"))
+    dense_cpu_ms = cpu_ms[dense_impl]
     log(f"S={length}: SDPA {sdpa_ms:.1f} ms" + (f", dense FlexAttention {flex_ms:.1f} ms" if flex_ms else ""))
     rows = []
     for name in methods:
         frac, select_ms = layouts[name].block_fraction(), ms[f"select:{name}"]
         for impl in args.impl.split(","):
             t = ms[f"{name}:{impl}"]
+            t_cpu = cpu_ms[f"{name}:{impl}"]
             rows.append({"method": name, "impl": impl, "length": length, "ms": t, "dense_ms": dense_ms,
-                         "dense_impl": dense_impl, "ratio": dense_ms / t, "ideal_ratio": 1.0 / frac,
+                         "dense_impl": dense_impl, "ratio": dense_ms / t, "cpu_ms": t_cpu, "dense_cpu_ms": dense_cpu_ms,
+                         "ratio_cpu": dense_cpu_ms / t_cpu, "ideal_ratio": 1.0 / frac,
                          "block_fraction": frac, "select_ms": select_ms, "select_share": select_ms / t,
                          "sdpa_ms": sdpa_ms, "flex_dense_ms": flex_ms, "achieved_of_ideal": (dense_ms / t) * frac})
-            log(f"S={length}: {name} [{impl}] {t:.1f} ms ({dense_ms / t:.2f}x, ideal {1 / frac:.2f}x, "
-                f"select {select_ms:.1f} ms)")
+            log(f"S={length}: {name} [{impl}] {t:.1f} ms ({dense_ms / t:.2f}x; CPU {t_cpu:.1f} ms, "
+                f"{dense_cpu_ms / t_cpu:.2f}x; ideal {1 / frac:.2f}x, select {select_ms:.1f} ms)")
     return rows
 
 
@@ -120,13 +134,21 @@ def run(args) -> int:
         raise ConfigError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = dict(share_len=args.share_len, block_size=args.block_size, score=args.score, dense_head=0)
+    try:
+        shares = [int(x) for x in str(args.share_len).split(",")]
+    except ValueError:
+        raise ConfigError(f"--share-len takes integers, comma-separated (e.g. 128,256), got {args.share_len!r}"
+                          ) from None
     methods = {}
-    if args.keep:
-        methods[f"sparse-keep{args.keep:g}"] = SparsePrefillConfig(**common, keep_ratio=args.keep)
-    if args.threshold:
-        methods[f"sparse-thr{args.threshold:g}"] = SparsePrefillConfig(**common, keep_ratio=None,
-                                                                        threshold=args.threshold)
+    for share in shares:
+        common = dict(share_len=share, long_share_len=args.long_share_len or None, long_from=args.long_from,
+                      block_size=args.block_size, score=args.score, dense_head=0)
+        tag = f"-share{share}" if len(shares) > 1 else ""
+        if args.keep:
+            methods[f"sparse-keep{args.keep:g}{tag}"] = SparsePrefillConfig(**common, keep_ratio=args.keep)
+        if args.threshold:
+            methods[f"sparse-thr{args.threshold:g}{tag}"] = SparsePrefillConfig(**common, keep_ratio=None,
+                                                                                 threshold=args.threshold)
     if not methods:
         raise ConfigError("nothing to run: give --keep and/or --threshold a value > 0")
 
@@ -137,8 +159,8 @@ def run(args) -> int:
     rows = []
     for length in lengths:
         rows.extend(bench_length(length, methods, args, log))
-    print_table(rows, ["method", "impl", "length", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio",
-                       "block_fraction", "select_share"])
+    print_table(rows, ["method", "impl", "length", "ms", "dense_ms", "dense_impl", "ratio", "ratio_cpu",
+                       "ideal_ratio", "block_fraction", "select_share"])
     emit_json(args.json, {
         "protocol": "ATTN-prefill", "command": " ".join(["compactlm", *sys.argv[1:]]),
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "batch": 1},
@@ -146,7 +168,7 @@ def run(args) -> int:
         "inputs": "torch.randn per length (seed = length)",
         "kernels": {"gather": "gather-then-dense: index_select kept blocks + ATen CPU flash calls, LSE merge",
                     "flex": "compiled FlexAttention, BlockMask.from_kv_blocks", "reference": "plain PyTorch"},
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "timing": "round-robin; ms = median wall, cpu_ms = median process CPU",
         "results": rows, "machine": {**machine_info(args.dtype), "load_average": os.getloadavg()},
     })
     return 0

@@ -111,57 +111,64 @@ def block_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     for length in sorted({m1 - m0 for m0, m1 in runs}):
         starts = [m0 for m0, m1 in runs if m1 - m0 == length]
         idx = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()  # (R*L,) query blocks
-        in_order = len(idx) == nqb  # one run length tiles every query block: a view, not a gather of q
+        in_order = len(idx) == nqb  # one run length tiles every query block: views, not gathers
         qs = (qp if in_order else qp.index_select(3, idx)).view(bsz * kv_heads, group, len(starts), length * blk, dim)
         qs = qs.permute(2, 0, 1, 3, 4).contiguous()  # (R, B*Hk, G, L*blk, D): run-major, each run contiguous
-        o, lse = _diagonal(qs, kb, vb, idx, first, nkb, scale)
+        o, lse = _diagonal(qs, kb, vb, idx, first, nkb, scale, in_order)
         for r, m0 in enumerate(starts):
+            # This run's rows of the output, as a (B, Hk, G, L*blk, D) view: the merge writes there directly.
+            dst = out[:, m0:m0 + length].permute(0, 3, 4, 1, 2, 5).flatten(3, 4)
             _off_diagonal(qs[r], o[r], lse[r], keep[..., m0, :first + m0].reshape(bsz * kv_heads, -1),
-                          kb, vb, kbuf, vbuf, nkb, scale)
-        o = o.view(len(starts), bsz, kv_heads, group, length, blk, dim).permute(1, 0, 4, 5, 2, 3, 6)
-        if in_order:
-            out.view_as(o).copy_(o)
-        else:
-            out.index_copy_(1, idx, o.reshape(bsz, len(starts) * length, blk, kv_heads, group, dim))
+                          kb, vb, kbuf, vbuf, nkb, scale, dst)
     return out.view(bsz, nqb * blk, heads, dim)[:, pad:pad + q_len].transpose(1, 2)
 
 
 def _diagonal(qs: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, first: int, nkb: int,
-              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float, in_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of every run to its own span, all runs in one batched call.
 
     ``qs`` (R, B*Hk, G, L*blk, D), ``idx`` the runs' query blocks (R*L,). Returns out (R, B*Hk, G, L*blk, D)
     and log-sum-exp (R, B*Hk, G, L*blk). The G query heads are folded into the rows here too, with one small
     additive mask (G*L*blk, L*blk) broadcast over the runs that restores per-token causality: the kernel then
     runs one large tile per run instead of G small causal ones (about 30 % faster at 32K than is_causal with
-    the heads kept apart, measured on this CPU).
+    the heads kept apart, measured on this CPU). When the runs tile the query blocks in order (``in_order``),
+    their spans are a strided view of the keys (run r, pair p at block p*nkb + first + r*L): nothing is gathered.
     """
     runs, pairs, group, rows, dim = qs.shape
-    kv_idx = (idx.view(runs, 1, -1) + first + torch.arange(pairs)[None, :, None] * nkb).flatten()
-    ks = kb.index_select(0, kv_idx).view(-1, 1, rows, dim)  # (R*B*Hk, 1, L*blk, D)
-    vs = vb.index_select(0, kv_idx).view(-1, 1, rows, dim)
+    if in_order and kb.is_contiguous():
+        span = (runs, pairs, rows, dim)
+        stride = (rows * dim, nkb * kb.shape[1] * dim, dim, 1)
+        offset = kb.storage_offset() + first * kb.shape[1] * dim
+        ks, vs = kb.as_strided(span, stride, offset), vb.as_strided(span, stride, offset)  # (R, B*Hk, L*blk, D)
+    else:
+        kv_idx = (idx.view(runs, 1, -1) + first + torch.arange(pairs)[None, :, None] * nkb).flatten()
+        ks = kb.index_select(0, kv_idx).view(runs, pairs, rows, dim)
+        vs = vb.index_select(0, kv_idx).view(runs, pairs, rows, dim)
     tok = torch.arange(rows)
     mask = torch.zeros(rows, rows, dtype=qs.dtype).masked_fill_(tok[None, :] > tok[:, None], -math.inf)
-    o, lse = _flash(qs.view(-1, 1, group * rows, dim), ks, vs, attn_mask=mask.repeat(group, 1)[None, None],
+    o, lse = _flash(qs.view(runs, pairs, group * rows, dim), ks, vs, attn_mask=mask.repeat(group, 1)[None, None],
                     scale=scale)
     return o.view(qs.shape), lse.view(qs.shape[:-1])
 
 
 def _off_diagonal(qs: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, past: torch.Tensor, kb: torch.Tensor,
-                  vb: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, nkb: int, scale: float) -> None:
-    """Attend one run to its off-diagonal kept blocks and merge into its diagonal result ``o`` in place.
+                  vb: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, nkb: int, scale: float,
+                  dst: torch.Tensor) -> None:
+    """Attend one run to its off-diagonal kept blocks, merge with its diagonal result ``o``, write into ``dst``.
 
     ``qs``/``o`` (B*Hk, G, L*blk, D), ``lse`` (B*Hk, G, L*blk), ``past`` (B*Hk, d0) bool: kept blocks before
-    the run's first diagonal block. (batch, KV head) pairs with equal counts share one call.
+    the run's first diagonal block; ``dst`` (B, Hk, G, L*blk, D), a strided view of the output. (batch, KV head)
+    pairs with equal counts share one call.
     """
     pairs, group, rows, dim = qs.shape
-    blk = kb.shape[1]
+    blk, kv_heads = kb.shape[1], dst.shape[1]
     counts = past.sum(-1)  # (B*Hk,)
     for n in counts.unique().tolist():
-        if n == 0:
-            continue  # nothing before the diagonal: the diagonal result is final
         sel = torch.nonzero(counts == n)[:, 0]  # (S,)
         every = len(sel) == pairs
+        if n == 0:  # nothing before the diagonal: the diagonal result is final
+            dst[sel // kv_heads, sel % kv_heads] = o[sel]
+            continue
         blocks = past[sel].nonzero()[:, 1].view(len(sel), n) + (sel * nkb)[:, None]  # (S, n) flat block ids
         ks = torch.index_select(kb, 0, blocks.flatten(), out=kbuf[:blocks.numel()]).view(1, len(sel), n * blk, dim)
         vs = torch.index_select(vb, 0, blocks.flatten(), out=vbuf[:blocks.numel()]).view(1, len(sel), n * blk, dim)
@@ -170,7 +177,7 @@ def _off_diagonal(qs: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, past: to
         l_diag = lse if every else lse[sel]
         # Exact merge of two disjoint key sets: o = o_diag + (o_off - o_diag) * sigmoid(lse_off - lse_diag).
         weight = torch.sigmoid(l_off.view(l_diag.shape) - l_diag).to(o.dtype)[..., None]
-        if every:
-            o.lerp_(o_off.view(o.shape), weight)
+        if every and dst.shape[0] == 1:
+            torch.lerp(o, o_off.view(o.shape), weight, out=dst[0])  # straight into the output rows
         else:
-            o[sel] = o[sel].lerp_(o_off.view(q_sel.shape), weight)
+            dst[sel // kv_heads, sel % kv_heads] = torch.lerp(o[sel], o_off.view(q_sel.shape), weight)
