@@ -33,6 +33,8 @@ def build_config(args):
     spec = {"pattern": args.pattern} if args.pattern else {"sparsity": args.sparsity}
     if args.method == "barber":
         extra = {"criterion": args.criterion} if args.criterion else {}
+        if args.objective == "lm":
+            extra.update(objective="lm", heldout=args.heldout, rounds=args.rounds, margin=args.margin)
         if args.search_ratios:
             extra["search_ratios"] = tuple(float(r) for r in args.search_ratios.split(","))
         return METHODS["barber"](init=METHODS[args.init](**spec), rebuild_ratio=args.rebuild_ratio, group=args.group,
@@ -71,6 +73,13 @@ def main() -> int:
     p.add_argument("--group", default="row")
     p.add_argument("--criterion", default=None, choices=["gradient", "taylor"])
     p.add_argument("--search-ratios", default=None, help="Barber's search_ratios, comma-separated, e.g. 0.01,0.1")
+    p.add_argument("--objective", default="block", choices=["block", "lm"],
+                   help="Barber's objective: block-output MSE (§3.2) or the model's next-token loss")
+    p.add_argument("--heldout", type=int, default=8,
+                   help="objective lm: extra calibration sequences (after the --calib-samples ones, which the "
+                        "initial method and the gradients use) that only choose the step")
+    p.add_argument("--rounds", type=int, default=1, help="objective lm: at most this many rebuild rounds")
+    p.add_argument("--margin", type=float, default=2.0, help="objective lm: standard errors against a revive's gain")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
@@ -94,13 +103,22 @@ def main() -> int:
     method = args.method if args.method != "barber" else f"barber-{args.init}"
     if args.method == "barber" and args.criterion:
         method += f"-{args.criterion}"
+    lm = args.method == "barber" and args.objective == "lm"
+    if lm:
+        method += "-lm"
     if args.quantize:
         method += f"+{args.quantize}"
     record = {"model": args.model, "method": method, "setting": setting,
               "calibration": calib_name(args.calib_samples)}
     if args.method != "dense":
         config = build_config(args)
-        calib = calibration_set(tok, "essays", nsamples=args.calib_samples, seqlen=512, seed=0)
+        # objective lm: sequences calib_samples.. calib_samples+heldout-1 only choose the step; the first
+        # calib_samples (the same as every other method's, offsets drawn in order) feed the init and the gradients.
+        calib = calibration_set(tok, "essays", nsamples=args.calib_samples + (args.heldout if lm else 0),
+                                seqlen=512, seed=0)
+        if lm:
+            record["heldout_calibration"] = f"CALIB-pg-512 sequences {args.calib_samples}-" \
+                                            f"{args.calib_samples + args.heldout - 1} (step choice only)"
         start, cpu = time.perf_counter(), time.process_time()
         report = compactlm.prune(model, config, calib=calib)
         # CPU seconds of this (1-thread) process: on a loaded machine, close to what an idle core would take.
@@ -112,11 +130,14 @@ def main() -> int:
         if args.method == "barber":
             record["swaps"] = sum(sum(r["swaps"].values()) for r in report.layer_records)
             record["reverted_blocks"] = sum(len(r.get("reverted", [])) for r in report.layer_records)
+            lm_rounds = [r["lm_rounds"] for r in report.layer_records if "lm_rounds" in r]
+            if lm_rounds:
+                record["lm_rounds"] = lm_rounds[0]
             ratios = [v for r in report.layer_records for v in r.get("ratio", {}).values()]
             if ratios:  # search_ratios: which ratio each rebuilt block kept
                 record["chosen_ratios"] = {str(x): ratios.count(x) for x in sorted(set(ratios))}
         if args.quantize:
-            record.update(quantize=quantize(model, calib))
+            record.update(quantize=quantize(model, calib[:args.calib_samples]))
     record["peak_rss_mib_after_prune"] = peak_rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
     result = perplexity(model, tok, windows=args.windows, show_progress=False)

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["magnitude", "wanda", "barber-wanda", "barber-wanda-taylor", "sparsegpt", "barber-sparsegpt",
-         "barber-sparsegpt-taylor", "barber-magnitude", "wanda+w4-gptq-g64", "sparsegpt+w4-gptq-g64"]
+ORDER = ["magnitude", "wanda", "barber-wanda", "barber-wanda-taylor", "barber-wanda-lm", "sparsegpt",
+         "barber-sparsegpt", "barber-sparsegpt-lm", "barber-sparsegpt-taylor", "barber-magnitude",
+         "wanda+w4-gptq-g64", "sparsegpt+w4-gptq-g64"]
 SETTINGS = ["30pct", "50pct", "2:4", "4:8"]
 
 

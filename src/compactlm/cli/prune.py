@@ -31,6 +31,14 @@ def register(groups) -> None:
     p.add_argument("--search-ratios", default=None, metavar="R1,R2,...",
                    help="barber only: try each ratio, keep per block the mask with the lowest calibration block "
                         "error (e.g. 0.001,0.003,0.01,0.03,0.1,0.3)")
+    p.add_argument("--objective", default="block", choices=["block", "lm"],
+                   help="barber only: block = each block's output MSE (the paper, §3.2); lm = the model's next-token "
+                        "loss, the whole mask rebuilt at once, the step chosen on held-out calibration sequences")
+    p.add_argument("--heldout", type=int, default=8,
+                   help="barber --objective lm: the last this many of the --calib-samples sequences only choose the "
+                        "step (default 8)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="barber --objective lm: at most this many rebuild rounds (default 1)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="never prune linears whose full name matches (repeatable)")
     p.add_argument("--targets", action="append", default=[], metavar="REGEX",
@@ -55,6 +63,8 @@ def build_config(args):
     if args.method == "barber":
         init = METHODS[args.init](**common, **({"scope": args.scope} if not args.pattern else {}))
         extra = {"criterion": args.criterion} if args.criterion else {}
+        if args.objective == "lm":
+            extra.update(objective="lm", heldout=args.heldout, rounds=args.rounds)
         if args.search_ratios:
             try:
                 extra["search_ratios"] = tuple(float(r) for r in args.search_ratios.split(","))

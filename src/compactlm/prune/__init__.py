@@ -45,6 +45,10 @@ def prune(model: nn.Module, config: PruneConfig, calib: Any = None,
                           f"{type(config).__name__}; use compactlm.compress for other methods")
     if isinstance(config, Magnitude):
         return prune_magnitude(model, config, filter_fn)
+    if isinstance(config, Barber) and config.objective == "lm":
+        from .barber_lm import rebuild_lm
+
+        return rebuild_lm(model, config, calib, filter_fn, **options)
     return execute(model, config, config.make_run(), calib, filter_fn, **options)
 
 
