@@ -124,12 +124,13 @@ def test_cli_barber_taylor_flags_build_the_config():
 
     args = argparse.Namespace(method="barber", init="wanda", pattern=None, sparsity=0.5, scope="row", targets=[],
                               ignore=[], rebuild_ratio=0.01, group="row", criterion="taylor",
-                              search_ratios="0.01,0.1", objective="block", heldout=8, rounds=1)
+                              search_ratios="0.01,0.1", objective="block", heldout=8, rounds=1, margin=2.0)
     cfg = build_config(args)
     assert isinstance(cfg, Barber) and cfg.criterion == "taylor" and cfg.search_ratios == (0.01, 0.1)
-    args = argparse.Namespace(**{**vars(args), "criterion": None, "objective": "lm", "heldout": 4, "rounds": 2})
+    args = argparse.Namespace(**{**vars(args), "criterion": None, "objective": "lm", "heldout": 4, "rounds": 2,
+                                               "margin": 0.0})
     cfg = build_config(args)
-    assert (cfg.objective, cfg.heldout, cfg.rounds, cfg.search_ratios) == ("lm", 4, 2, (0.01, 0.1))
+    assert (cfg.objective, cfg.heldout, cfg.rounds, cfg.margin, cfg.search_ratios) == ("lm", 4, 2, 0.0, (0.01, 0.1))
 
 
 def test_wanda_default_is_half_and_compress_entry_point():

@@ -39,6 +39,9 @@ def register(groups) -> None:
                         "step (default 8)")
     p.add_argument("--rounds", type=int, default=1,
                    help="barber --objective lm: at most this many rebuild rounds (default 1)")
+    p.add_argument("--margin", type=float, default=2.0,
+                   help="barber --objective lm: standard errors of the mean gradient taken against each revive's "
+                        "predicted gain (default 2; 0 = plain Taylor)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="never prune linears whose full name matches (repeatable)")
     p.add_argument("--targets", action="append", default=[], metavar="REGEX",
@@ -64,7 +67,7 @@ def build_config(args):
         init = METHODS[args.init](**common, **({"scope": args.scope} if not args.pattern else {}))
         extra = {"criterion": args.criterion} if args.criterion else {}
         if args.objective == "lm":
-            extra.update(objective="lm", heldout=args.heldout, rounds=args.rounds)
+            extra.update(objective="lm", heldout=args.heldout, rounds=args.rounds, margin=args.margin)
         if args.search_ratios:
             try:
                 extra["search_ratios"] = tuple(float(r) for r in args.search_ratios.split(","))
