@@ -123,7 +123,7 @@ def test_sparse_prefill_keep_all_equals_reference(tiny4):
     full = inspect(tiny4, tiny4, ids, InspectConfig(impact=False), candidate_runtime=keep_all)
     logits = full.data["final_logits"]
     # every causal block computed by the block kernel: equal up to fp32 summation order (KL 3.4e-9 on an AMD EPYC,
-    # below 1e-9 on an Intel Xeon: the BLAS summation order differs; a wrong block would give KL > 1e-3)
+    # below 1e-9 on an Intel Xeon: the BLAS summation order differs)
     assert logits["sqnr_db"] > 100 and logits["kl"] < 1e-7
     sparse = SparsePrefillConfig(block_size=16, share_len=16, dense_head=0, keep_ratio=0.25, sink_blocks=0,
                                  tail_blocks=0, impl="reference")
