@@ -16,16 +16,20 @@ Here the loss is the model's own: L = mean next-token cross-entropy of the calib
    estimate where the model is not at a minimum, and a sequence's g² is dominated by G² there).
 3. Each swap is scored by the second-order Taylor model of L (:func:`~compactlm.prune.barber.taylor_scores`):
    reviving a pruned weight (0 → its dense value w) ΔL = G·w + ½·D·w², dropping a kept one (s → 0) ½·D·s²
-   (OBD; the first-order drop term overshoots when many swaps are made at once). Inside each comparison group
-   (output row, matrix, or one group of M inputs for N:M) the i-th best revive pairs with the i-th cheapest
-   drop, so sparsity and N:M stay exact; a pair is profitable when its summed ΔL is negative.
+   (OBD; the first-order drop term overshoots when many swaps are made at once). With ``margin`` the revive's
+   first-order term is taken that many standard errors of G against it: picked from millions of candidates, the
+   largest estimated gains are partly the noise of an N-sequence mean. Inside each comparison group (output row,
+   matrix, or one group of M inputs for N:M) the i-th best revive pairs with the i-th cheapest drop, so sparsity
+   and N:M stay exact; a pair is profitable when its summed ΔL is negative.
 4. Step length by measurement: the best ``ratio`` fraction of all profitable pairs of the model (one global
    threshold on the predicted gain) is tried for each ratio, and the one with the lowest loss on the last
    ``heldout`` calibration sequences (which fed no statistic) is kept — ratio 0, the current mask, included,
-   so a round never raises that held-out loss. ``rounds`` repeats 2-4 at the new mask until ratio 0 wins.
+   so a round never raises that held-out loss. The diagonal model is right one swap at a time but its summed
+   credits run away after a few thousand swaps on the default model (docs/pruning.md), hence small ratios and
+   the measurement. ``rounds`` repeats 2-4 at the new mask until ratio 0 wins.
 
-Cost (default model, fp32): the dense copies, G and D of every pruned linear, 3 × 4 bytes × 106 M weights ≈
-1.3 GB beside the model; per round 1 forward + 2 backward passes per training sequence and
+Cost (default model, fp32, 106 M pruned weights): the dense copies, G, D and the standard error, 4 × 4 bytes ×
+106 M ≈ 1.7 GB beside the model; per round 1 forward + 2 backward passes per training sequence and
 (1 + #ratios) forwards of the held-out sequences.
 """
 
