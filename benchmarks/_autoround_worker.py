@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _llmc_worker import grid_check, peak_rss_mib, perplexity, rss_mib, write_json_atomic  # noqa: E402
+from _llmc_worker import grid_check, load_inputs, peak_rss_mib, perplexity, rss_mib, write_json_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,17 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
     import auto_round
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    data = torch.load(args.data)
-    calib, windows = data["calib"].long(), data["eval"].long()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    calib, windows, model = load_inputs(args)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    model.eval()
     out = {"tool": "auto-round", "versions": {"auto_round": auto_round.__version__,
                                               "transformers": transformers.__version__, "torch": torch.__version__},
            "threads": torch.get_num_threads(), "python": sys.executable, "rss_method": "VmHWM",

@@ -86,6 +86,17 @@ def grid_check(model, bits: int, group_size: int) -> dict:
             "on_grid": worst <= 2**bits}
 
 
+def load_inputs(args: argparse.Namespace):
+    """The ids file and the fp32 model folder every worker reads: (calibration ids, evaluation windows, model)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    data = torch.load(args.data)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    model.eval()
+    return data["calib"].long(), data["eval"].long(), model
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".llmc-", dir=os.path.dirname(os.path.abspath(path)))
     with os.fdopen(fd, "w") as f:
@@ -104,15 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    data = torch.load(args.data)
-    calib, windows = data["calib"].long(), data["eval"].long()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    model.eval()
+    calib, windows, model = load_inputs(args)
     import compressed_tensors
     import llmcompressor
     out = {"tool": "llm-compressor", "versions": {"llmcompressor": llmcompressor.__version__,

@@ -318,7 +318,23 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
-class BarberRun(PruneRun):
+class InitDelegatingRun(PruneRun):
+    """A run whose statistics and solve are the initial method's (``self.init``, built with kept dense weights);
+    subclasses add what happens after each layer in ``refine_layer``."""
+
+    init: PruneRun
+
+    def new_stats(self, name, module):
+        return self.init.new_stats(name, module)
+
+    def add_batch(self, stats, name, module, inp, out):
+        self.init.add_batch(stats, name, module, inp, out)
+
+    def solve(self, name, module, stats, ctx):
+        return self.init.solve(name, module, stats, ctx)
+
+
+class BarberRun(InitDelegatingRun):
     """The initial method's run (kept dense weights on) plus the block-wise mask rebuild in ``refine_layer``."""
 
     # Barber's targets are block outputs on the sparse model's inputs (§3.2), which it records itself per block;
@@ -331,15 +347,6 @@ class BarberRun(PruneRun):
         self.true_sequential = self.init.true_sequential
         self.swaps_total = 0
         self.last_ratio = float(config.rebuild_ratio)  # the ratio the last rebuilt block kept (search_ratios)
-
-    def new_stats(self, name, module):
-        return self.init.new_stats(name, module)
-
-    def add_batch(self, stats, name, module, inp, out):
-        self.init.add_batch(stats, name, module, inp, out)
-
-    def solve(self, name, module, stats, ctx):
-        return self.init.solve(name, module, stats, ctx)
 
     def refine_layer(self, ctx, targets, reference_outputs):
         i, adapter = ctx.index, ctx.adapter

@@ -44,11 +44,11 @@ from torch import nn
 
 from ..errors import CalibrationError, DataError
 from ..utils import progress
-from .barber import _nm_candidates, taylor_scores
-from .common import PruneReport, PruneRun, execute
+from .barber import InitDelegatingRun, _nm_candidates, taylor_scores
+from .common import PruneReport, execute
 
 
-class RecordRun(PruneRun):
+class RecordRun(InitDelegatingRun):
     """The initial method's run, keeping every layer's masks and dense weights by full linear name."""
 
     def __init__(self, init_config):
@@ -58,15 +58,6 @@ class RecordRun(PruneRun):
         self.needs_reference_outputs = self.init.needs_reference_outputs
         self.all_dense: dict[str, torch.Tensor] = {}
         self.all_masks: dict[str, torch.Tensor] = {}
-
-    def new_stats(self, name, module):
-        return self.init.new_stats(name, module)
-
-    def add_batch(self, stats, name, module, inp, out):
-        self.init.add_batch(stats, name, module, inp, out)
-
-    def solve(self, name, module, stats, ctx):
-        return self.init.solve(name, module, stats, ctx)
 
     def refine_layer(self, ctx, targets, reference_outputs):
         for n, keep in self.init.masks.items():
