@@ -3,14 +3,14 @@ no step is taken, the held-out loss never rises, and the Taylor model predicts s
 
 import pytest
 import torch
+from prune_helpers import assert_init_sparsity_kept
 
 import compactlm
 from compactlm.errors import ConfigError, DataError
 from compactlm.models import get_adapter, tiny_model
-from compactlm.prune import Barber, SparseGPT, Wanda, is_nm
+from compactlm.prune import Barber, SparseGPT, Wanda
 from compactlm.prune.barber import taylor_scores
 from compactlm.prune.barber_lm import lm_loss, lm_statistics, pair_gains
-from compactlm.prune.common import n_pruned
 
 
 def _calib(n=12, t=32, seed=0):
@@ -43,13 +43,7 @@ def test_lm_rebuild_keeps_exact_sparsity_and_nm_and_never_raises_the_heldout_los
     # the last round's chosen loss is the final model's loss on the held-out sequences
     assert lm_loss(model, calib[-4:]) == pytest.approx(rounds[-1]["heldout_loss"][str(rounds[-1]["ratio"])],
                                                        rel=1e-5)
-    a = get_adapter(model)
-    for i in range(a.num_layers):
-        for name, lin in a.linears(i).items():
-            if init.nm:
-                assert is_nm(lin.weight != 0, *init.nm), name
-            else:
-                assert ((lin.weight == 0).sum(1) == n_pruned(lin.in_features, 0.5)).all(), name
+    assert_init_sparsity_kept(model, init)
 
 
 def test_lm_rebuild_lowers_the_heldout_loss_of_a_tiny_model_and_revives_dense_values():

@@ -4,14 +4,14 @@ rules every rebuild keeps (exact sparsity, valid N:M, block error never above th
 import pytest
 import torch
 import torch.nn.functional as F
+from prune_helpers import assert_init_sparsity_kept
 from torch import nn
 
 import compactlm
 from compactlm.errors import ConfigError
 from compactlm.models import tiny_model
-from compactlm.prune import Barber, SparseGPT, Wanda, is_nm, topk_mask
+from compactlm.prune import Barber, SparseGPT, Wanda, topk_mask
 from compactlm.prune.barber import BlockCalls, block_taylor_statistics, rebuild_masks, taylor_scores
-from compactlm.prune.common import n_pruned
 
 
 def _linear_block(seed=0, out=6, inp=10, seqs=4, t=12):
@@ -134,10 +134,4 @@ def test_taylor_rebuild_keeps_sparsity_patterns_and_never_raises_the_block_error
         for label in ("attention", "mlp"):
             before, after = r[f"{label}_block_mse"]
             assert after <= before or (label in r.get("reverted", []) and r["swaps"][label] == 0)
-    a = compactlm.models.get_adapter(model)
-    for i in range(a.num_layers):
-        for name, lin in a.linears(i).items():
-            if init.nm:
-                assert is_nm(lin.weight != 0, *init.nm), name
-            else:
-                assert ((lin.weight == 0).sum(1) == n_pruned(lin.in_features, 0.5)).all(), name
+    assert_init_sparsity_kept(model, init)
