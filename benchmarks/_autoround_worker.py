@@ -27,18 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _llmc_worker import grid_check, load_inputs, peak_rss_mib, perplexity, rss_mib, write_json_atomic  # noqa: E402
+from _llmc_worker import add_common_args, grid_check, load_inputs, peak_rss_mib, perplexity, rss_mib, write_json_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help=".pt with {'calib': (N, T) ids, 'eval': (W, T') ids}")
-    p.add_argument("--model-dir", required=True, help="fp32 safetensors folder of the model")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
+    add_common_args(p)
     p.add_argument("--iters", type=int, default=0, help="SignRound iterations per block (0: no tuning)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     import auto_round
     import transformers

@@ -86,6 +86,16 @@ def grid_check(model, bits: int, group_size: int) -> dict:
             "on_grid": worst <= 2**bits}
 
 
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every worker takes from the side-by-side driver (the ids file, the model, the setting)."""
+    p.add_argument("--data", required=True, help=".pt with {'calib': (N, T) ids, 'eval': (W, T') ids}")
+    p.add_argument("--model-dir", required=True, help="fp32 safetensors folder of the model")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+
+
 def load_inputs(args: argparse.Namespace):
     """The ids file and the fp32 model folder every worker reads: (calibration ids, evaluation windows, model)."""
     from transformers import AutoModelForCausalLM
@@ -106,14 +116,9 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help=".pt with {'calib': (N, T) ids, 'eval': (W, T') ids}")
-    p.add_argument("--model-dir", required=True, help="fp32 safetensors folder of the model")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
+    add_common_args(p)
     p.add_argument("--symmetric", action="store_true", help="symmetric weights (default: asymmetric)")
     p.add_argument("--base", action="store_true", help="only evaluate the unquantized model")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     import transformers
 

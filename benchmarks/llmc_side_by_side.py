@@ -108,27 +108,16 @@ def _perplexity(model, windows, batch_size: int = 4) -> dict:
 def _run(cmd: list[str], out: Path, log: Path, label: str, keys: tuple[str, ...] = RATIO_KEYS) -> dict:
     """Run one side in a fresh subprocess; its output goes to ``log``; its result JSON is returned (``keys``
     are printed). Shared with ``llmc_prune_side_by_side.py``."""
-    print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0 or not out.is_file():
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"{label} failed (exit {rc}); last output:\n{tail}")
-    result = json.loads(out.read_text())
-    result["process_seconds"] = time.perf_counter() - start
-    print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
-        f"{k} {result[k]:.3f}" for k in keys if k in result), flush=True)
-    return result
+    return _run_together([(cmd, out, log, label)], keys)[0]
 
 
 def _run_together(jobs: list[tuple[list[str], Path, Path, str]], keys: tuple[str, ...] = RATIO_KEYS) -> list[dict]:
-    """Run several sides at the same time, each in its own fresh subprocess (``--concurrent``): on a shared
-    machine they then see the same load, so their CPU-time ratio is not skewed by load changes between turns
-    (each process still has its own peak RSS). ``jobs``: (cmd, out, log, label) as for :func:`_run`."""
+    """Run the ``jobs`` ((cmd, out, log, label) each) at the same time, each in its own fresh subprocess, and
+    return their result JSONs. With several jobs (``--concurrent``) the sides see the same machine load, so their
+    CPU-time ratio is not skewed by load changes between turns (each process still has its own peak RSS)."""
     procs = []
     for cmd, _out, log, label in jobs:
-        print(f"[{time.strftime('%H:%M:%S')}] {label} (concurrent) ...", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
         f = open(log, "w")
         procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), f, time.perf_counter()))
     results = []
@@ -195,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="AutoRound's SignRound iterations per block (0: its no-tuning mode; 200, its default, "
                         "takes hours on this CPU)")
     p.add_argument("--concurrent", action="store_true",
-                   help="run llm-compressor's and our main row at the same time (one process each, --threads "
-                        "each): both then see the same machine load, which makes the CPU-time ratio fair on a "
-                        "shared machine; needs 2x the threads in cores")
+                   help="run llm-compressor's, our main row and (with --autoround-python) AutoRound at the same "
+                        "time (one process each, --threads each): they then see the same machine load, which makes "
+                        "the CPU-time ratio fair on a shared machine; needs that many times --threads in cores")
     # internal: this script's own subprocess for the compactlm side
     p.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)

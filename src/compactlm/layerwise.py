@@ -409,7 +409,7 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
     share = getattr(method, "shares_input_stats", False)
     owner: dict[str, str] = {}
     batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
-    batches_seen = [0]
+    batches_seen = 0
 
     def input_key(t: torch.Tensor) -> tuple:
         return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
@@ -419,7 +419,7 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
         if share:
             key = input_key(inp)
             first = batch_inputs.get(key)
-            if batches_seen[0] == 1 and first is not None:
+            if batches_seen == 1 and first is not None:
                 owner[name] = first[0]
             if name in owner:
                 if first is None or first[0] != owner[name]:
@@ -428,10 +428,10 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
             else:
                 batch_inputs.setdefault(key, (name, inp))
                 method.add_batch(stats[name], name, module, inp, None if out is None else out.detach())
-                if before and batches_seen[0] > 1:
+                if before and batches_seen > 1:
                     # From the second batch on, the sharers' input is known to be this one: the forward may stop
                     # here instead of running the matmuls up to the last sharer (q and k; gate).
-                    pending.difference_update(n for n, first in owner.items() if first == name)
+                    pending.difference_update(n for n, src in owner.items() if src == name)
         else:
             method.add_batch(stats[name], name, module, inp, None if out is None else out.detach())
         pending.discard(name)
@@ -439,9 +439,10 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
             raise _GroupDone
 
     def next_batch() -> None:
+        nonlocal batches_seen
         pending.update(modules)
         batch_inputs.clear()
-        batches_seen[0] += 1
+        batches_seen += 1
 
     def collector(name: str):
         if before:
@@ -452,8 +453,8 @@ def _solve_group(ctx: LayerContext, method: CalibratedMethod, modules: dict[str,
                for n, m in modules.items()]
     run_batches(ctx, handles, _GroupDone, before_batch=next_batch)
     batch_inputs.clear()
-    for name, first in owner.items():
-        stats[name] = stats[first]
+    for name, src in owner.items():
+        stats[name] = stats[src]
     for name, module in modules.items():
         record = method.solve(name, module, stats[name], ctx)
         _check_finite(module.weight, f"the weight of {ctx.prefix}.{name} after solving")

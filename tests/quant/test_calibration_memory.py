@@ -134,3 +134,29 @@ def test_linears_fed_the_same_input_share_one_hessian(family, cfg, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sharing_that_changes_between_batches_is_an_error():
+    """A linear that shared q_proj's input in the first batch but gets its own tensor later must not silently
+    keep using q_proj's Hessian (forward hooks, so every linear's hook runs in every batch)."""
+    calls = []
+
+    class PostHookGPTQRun(GPTQRun):
+        needs_linear_outputs = True  # forward hooks: the driver does not stop at the first sharer
+
+        def new_stats(self, name, module):
+            calls.clear()  # count k_proj's calls from the start of each group's calibration (not the probe's)
+            return super().new_stats(name, module)
+
+    model = tiny_model("llama", seed=0)
+    k_proj = get_adapter(model).linears(0)["self_attn.k_proj"]
+
+    def clone_after_first_batch(module, args):
+        calls.append(1)
+        return (args[0].clone(),) if len(calls) > 1 else None
+
+    k_proj.register_forward_pre_hook(clone_after_first_batch)
+    cfg = GPTQ(bits=4, group_size=16, batch_size=2)
+    with pytest.raises(RuntimeError, match="shared its input with self_attn.q_proj in the first calibration batch"):
+        layerwise.run(model, _calib(), PostHookGPTQRun(cfg), batch_size=2,
+                      filter_fn=layer_filter(quant_targets(model, cfg)))

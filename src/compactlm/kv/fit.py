@@ -50,6 +50,15 @@ def group_error(g: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, qmax: int, d
     return (e if w is None else e * w).sum(dim)
 
 
+def _keep_lower(best: list | None, best_err: torch.Tensor | None, cand, err: torch.Tensor):
+    """Per group, keep whichever of ``best`` and ``cand`` (tensors alike in shape) has the lower error."""
+    if best is None:
+        return list(cand), err
+    better = err < best_err
+    return ([torch.where(better, new, old) for new, old in zip(cand, best, strict=True)],
+            torch.where(better, err, best_err))
+
+
 def search_range(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, qmax: int, dim: int, encode: Encode,
                  w: torch.Tensor | None = None):
     """Per group, the clipped range of :data:`CLIP_GRID` with the lowest error after ``encode``.
@@ -57,17 +66,11 @@ def search_range(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, qmax: int,
     ``w`` (grouped, bool or float) weights the error (padding excluded). Returns ``encode``'s 4 tensors.
     """
     r = mx - mn
-    best = None
+    best = best_err = None
     for a in CLIP_GRID:
         for b in CLIP_GRID:
             cand = encode(mn + a * r, mx - b * r)
-            err = group_error(g, cand[2], cand[3], qmax, dim, w)
-            if best is None:
-                best, best_err = list(cand), err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = [torch.where(better, new, old) for new, old in zip(cand, best, strict=True)]
+            best, best_err = _keep_lower(best, best_err, cand, group_error(g, cand[2], cand[3], qmax, dim, w))
     return tuple(best)
 
 
@@ -119,12 +122,6 @@ def fit_meta4(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, base: torch.T
         for dz in range(-Z_SEARCH, Z_SEARCH + 1):
             z = (z0 + dz).clamp(0, z_max)
             lo = mid_b + s * ((z - z_mid) * Z_STEP - qmax / 2)
-            err = group_error(g, s, lo, qmax, dim, w)
             byte = (z + 2 ** zb * u).to(torch.uint8)
-            if best is None:
-                best, best_err = [byte, s, lo], err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = [torch.where(better, new, old) for new, old in zip((byte, s, lo), best, strict=True)]
+            best, best_err = _keep_lower(best, best_err, (byte, s, lo), group_error(g, s, lo, qmax, dim, w))
     return best[0], best[1], best[2]
