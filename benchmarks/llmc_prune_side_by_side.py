@@ -5,6 +5,8 @@ identical calibration ids and evaluation windows.
 
     .venv/bin/python benchmarks/llmc_prune_side_by_side.py --methods wanda,sparsegpt --sparsity 0.5 --threads 1 \
         --json benchmarks/results/prune/llmc_prune_side_by_side.json
+    .venv/bin/python benchmarks/llmc_prune_side_by_side.py --methods wanda,sparsegpt --pattern 2:4 --threads 1 \
+        --json benchmarks/results/prune/llmc_prune_side_by_side_2of4.json
 
 How it stays fair (the same scheme as ``benchmarks/llmc_side_by_side.py`` for GPTQ):
 - The same token ids: this driver draws CALIB-pg-512-q (32 x 512) and PPL-wiki-512-q (40 windows) once, saves
@@ -13,12 +15,18 @@ How it stays fair (the same scheme as ``benchmarks/llmc_side_by_side.py`` for GP
   0.14; this file's ``--llmc-worker`` mode imports no compactlm), ours through ``--ours-worker``. Both load the
   same fp32 safetensors folder, use the same torch thread count, and time only the pruning call; peak RSS
   (VmHWM) is read right after it, before evaluation. Both evaluate with the one loop in ``_llmc_worker.py``.
-- Settings: unstructured ``--sparsity`` per output row (both tools' Wanda compare per row); SparseGPT block 128,
+- Settings: unstructured ``--sparsity`` per output row (both tools' Wanda compare per row), or ``--pattern N:M``
+  (ours: keep N of every M consecutive inputs; llm-compressor spells the same mask ``mask_structure="<M-N>:M"``,
+  the count it *prunes* per group of M -- "2:4" and "4:8" read the same either way); SparseGPT block 128,
   dampening 0.01 (llm-compressor's defaults; ours the same); every decoder-layer Linear pruned, ``lm_head``
   (the tied embedding) left dense on both sides. What still differs: llm-compressor's pipeline collects every
   linear of a layer in one pass with one sequence per forward; our SparseGPT is true-sequential (q/k/v, o,
   gate/up, down) with 8 sequences per forward and allocates the pruned count exactly per row.
-- Each side's achieved sparsity over the decoder linears is recorded, so a PPL gap cannot hide a sparsity gap.
+- Each side's achieved sparsity over the decoder linears is recorded, so a PPL gap cannot hide a sparsity gap;
+  with ``--pattern`` also each side's N:M validity (groups of M holding at most N non-zeros), measured on the
+  pruned weights by the same code in both venvs.
+- ``--concurrent`` runs the two sides of each method at the same time (each in its own process, one thread each)
+  so both see the same load; the default runs them one after the other (one heavy process on a shared machine).
 """
 
 from __future__ import annotations
@@ -48,6 +56,46 @@ def decoder_sparsity(model) -> float:
     return zeros / max(total, 1)
 
 
+def nm_validity(model, n: int, m: int) -> dict:
+    """How many groups of ``m`` consecutive inputs, over every decoder-layer Linear's rows, hold at most ``n``
+    non-zeros (valid N:M) and exactly ``n`` (no group pruned beyond the pattern). Plain torch: runs in both venvs."""
+    groups = valid = exact = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "layers." in name:
+            w = module.weight
+            if w.shape[1] % m:
+                raise ValueError(f"{name}: {w.shape[1]} inputs are not a multiple of M={m}")
+            nonzero = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)  # (out, in/m)
+            groups += nonzero.numel()
+            valid += int((nonzero <= n).sum())
+            exact += int((nonzero == n).sum())
+    return {"pattern": f"{n}:{m}", "groups": groups, "valid_groups": valid, "exact_groups": exact,
+            "valid_fraction": valid / max(groups, 1), "all_valid": valid == groups}
+
+
+def parse_setting(sparsity: float | None, pattern: str | None) -> dict:
+    """``--sparsity`` / ``--pattern`` -> the one setting both sides run: a file label, our config fields and
+    llm-compressor's modifier fields. Raises ``ConfigError`` naming the flag to change."""
+    from compactlm.errors import ConfigError
+    from compactlm.prune.common import parse_pattern
+
+    if pattern is not None:
+        if sparsity is not None:
+            raise ConfigError(f"give --sparsity or --pattern, not both (got {sparsity} and {pattern!r}): "
+                              "N:M fixes the sparsity at 1 - N/M")
+        n, m = parse_pattern(pattern)
+        # llm-compressor's "a:b" prunes a of every b (its Wanda/SparseGPT topk the a lowest scores per group);
+        # its required `sparsity` is unused for N:M but set to the same fraction so the record reads true.
+        return {"label": f"{n}of{m}", "structure": f"{n}:{m} (keep {n} of every {m} consecutive inputs)",
+                "nm": [n, m], "sparsity": (m - n) / m, "ours": {"pattern": f"{n}:{m}"},
+                "llmc": {"sparsity": (m - n) / m, "mask_structure": f"{m - n}:{m}"}}
+    s = 0.5 if sparsity is None else sparsity
+    if not 0 < s < 1:
+        raise ConfigError(f"--sparsity must be in (0, 1), got {s}")
+    return {"label": f"{100 * s:g}pct", "structure": "unstructured, per output row", "nm": None, "sparsity": s,
+            "ours": {"sparsity": s}, "llmc": {"sparsity": s, "mask_structure": "0:0"}}
+
+
 def worker(args: argparse.Namespace) -> int:
     """One side (``--llmc-worker`` or ``--ours-worker``): load, prune on the given ids, read peak RSS, evaluate."""
     sys.path.insert(0, str(HERE))
@@ -70,6 +118,8 @@ def worker(args: argparse.Namespace) -> int:
         out["prune_cpu_seconds"] = time.process_time() - cpu  # moves far less than wall time on a shared CPU
         out["peak_rss_mib"] = peak_rss_mib()
         out["sparsity"] = decoder_sparsity(model)
+        if args.nm:
+            out["nm_validity"] = nm_validity(model, *(int(x) for x in args.nm.split(":")))
     start = time.perf_counter()
     ppl, tokens = perplexity(model, windows)
     out.update(ppl=ppl, tokens=tokens, eval_seconds=time.perf_counter() - start)
@@ -85,7 +135,7 @@ def _prune_llmc(model, calib, args) -> dict:
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    common = {"sparsity": args.sparsity, "mask_structure": "0:0", "targets": ["Linear"], "ignore": ["lm_head"]}
+    common = {**json.loads(args.spec), "targets": ["Linear"], "ignore": ["lm_head"]}
     if args.method == "wanda":
         recipe = WandaPruningModifier(**common)
     else:
@@ -101,22 +151,31 @@ def _prune_ours(model, calib, args) -> dict:
     from compactlm.prune import SparseGPT, Wanda
 
     compactlm.utils.set_quiet(True)
-    config = Wanda(sparsity=args.sparsity) if args.method == "wanda" else SparseGPT(sparsity=args.sparsity)
+    spec = json.loads(args.spec)
+    config = Wanda(**spec) if args.method == "wanda" else SparseGPT(**spec)
     compactlm.prune(model, config, calib=calib)
     return config.to_dict()
 
 
 def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
     """One side in a fresh subprocess: the GPTQ side-by-side's runner, printing the pruning keys."""
-    from llmc_side_by_side import _run as run_side  # benchmarks/ is on sys.path when this runs as a script
+    return _run_together([(cmd, out, log, label)])[0]
 
-    return run_side(cmd, out, log, label, keys=(*RATIO_KEYS, "sparsity"))
+
+def _run_together(jobs: list[tuple[list[str], Path, Path, str]]) -> list[dict]:
+    """Both sides at once (``--concurrent``), each in its own fresh subprocess: the GPTQ side-by-side's runner."""
+    from llmc_side_by_side import _run_together as run_sides  # benchmarks/ is on sys.path when run as a script
+
+    return run_sides(jobs, keys=(*RATIO_KEYS, "sparsity"))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="wanda,sparsegpt")
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=float, default=None, help="unstructured, per output row (default 0.5)")
+    p.add_argument("--pattern", default=None, help="N:M instead of --sparsity, e.g. 2:4 (keep N of every M)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="run the two sides of each method at the same time (two processes: an idle machine only)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (32 = CALIB-pg-512-q)")
     p.add_argument("--windows", type=int, default=40, help="evaluation windows (40 = PPL-wiki-512-q)")
     p.add_argument("--threads", type=int, default=1)
@@ -128,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--nm", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.llmc_worker or args.ours_worker:
@@ -143,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from compactlm.models.loading import default_model_dir
     from compactlm.utils import machine_info, write_json_atomic
 
+    setting = parse_setting(args.sparsity, args.pattern)
     methods = args.methods.split(",")
     if not set(methods) <= {"wanda", "sparsegpt"}:
         raise ConfigError(f"--methods takes wanda and/or sparsegpt (comma-separated), got {args.methods!r}")
@@ -155,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "llmc_prune_side_by_side", "model": "smollm2-135m", "model_dir": str(model_dir),
               "protocol": {"ppl": f"PPL-wiki-512{'-q' if args.windows == 40 else ''} ({args.windows} windows)",
                            "calibration": f"CALIB-pg-512{'-q' if args.nsamples == 32 else ''} ({args.nsamples} x 512)",
-                           "sparsity": args.sparsity, "structure": "unstructured, per output row"},
+                           "sparsity": setting["sparsity"], "structure": setting["structure"],
+                           "ours_config": setting["ours"], "llmc_modifier": setting["llmc"],
+                           "sides": "at the same time" if args.concurrent else "one after the other"},
               "command": shlex.join([".venv/bin/python", *sys.argv]),
               "machine": {**machine_info(torch.float32), "note": args.note,
                           "load_average_start": os.getloadavg()}, "rows": []}
@@ -179,12 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         if rel > 1e-4:  # same weights, same loop: anything beyond float noise is a harness bug
             write_json_atomic(path, result)
             raise SystemExit(f"harness mismatch: base PPL {theirs_b['ppl']:.4f} vs {ours_b['ppl']:.4f}")
+        nm = ["--nm", ":".join(map(str, setting["nm"]))] if setting["nm"] else []
         for m in methods:
-            t = _run([*llmc, "--method", m, "--sparsity", str(args.sparsity), "--out", str(tmpdir / f"l{m}.json")],
-                     tmpdir / f"l{m}.json", tmpdir / f"l{m}.log", f"llm-compressor {m} {args.sparsity:g}")
-            o = _run([*ours, "--method", m, "--sparsity", str(args.sparsity), "--out", str(tmpdir / f"o{m}.json")],
-                     tmpdir / f"o{m}.json", tmpdir / f"o{m}.log", f"compactlm {m} {args.sparsity:g}")
-            result["rows"].append({"method": m, "sparsity": args.sparsity, "llmc": t, "ours": o,
+            jobs = [([*cmd, "--method", m, "--spec", json.dumps(spec), *nm, "--out", str(tmpdir / f"{side}{m}.json")],
+                     tmpdir / f"{side}{m}.json", tmpdir / f"{side}{m}.log", f"{tool} {m} {setting['label']}")
+                    for cmd, spec, side, tool in ((llmc, setting["llmc"], "l", "llm-compressor"),
+                                                  (ours, setting["ours"], "o", "compactlm"))]
+            t, o = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
+            result["rows"].append({"method": m, "setting": setting["label"], "sparsity": setting["sparsity"],
+                                   "llmc": t, "ours": o,
                                    "ratio_ours_over_llmc": {k: o[k] / t[k] for k in RATIO_KEYS},
                                    "ppl_at_least_as_good": o["ppl"] <= t["ppl"]})
             result["machine"]["load_average_end"] = os.getloadavg()
