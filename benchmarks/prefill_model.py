@@ -51,16 +51,45 @@ def main() -> None:
         profile(model, tok, cfg, args)
         return
     windows = eval_windows(tok, "wiki", args.length, args.windows)
+    cpu = cpu_seconds_per_forward(model)
     result = compare_prefill(model, windows, cfg, log=lambda m: print(m, flush=True))
+    add_cpu_times(result, cpu)
     print(f"PPL on {result['windows']} x {args.length}-token windows: dense {result['dense_ppl']:.4f}, sparse "
           f"{result['sparse_ppl']:.4f} ({100 * result['ppl_change']:+.2f} %); prefill {result['dense_s']:.1f} s -> "
-          f"{result['sparse_s']:.1f} s ({result['speedup']:.2f}x)")
+          f"{result['sparse_s']:.1f} s ({result['speedup']:.2f}x); CPU {result['dense_cpu_s']:.1f} s -> "
+          f"{result['sparse_cpu_s']:.1f} s ({result['speedup_cpu']:.2f}x)")
     if args.json:
         write_json_atomic(args.json, {
             "benchmark": "prefill end-to-end + PPL on 8K wiki windows", "model": args.model,
             "command": " ".join([".venv/bin/python", *sys.argv]), **result,
             "machine": {**machine_info(args.dtype), "load_average": os.getloadavg()},
             "notes": "2-core machine shared with other engineers' jobs (see load_average); times are upper bounds"})
+
+
+def cpu_seconds_per_forward(model) -> list[float]:
+    """Process CPU seconds of every top-level forward call, in call order (hooks on the model itself).
+
+    Why: on a shared machine the wall time of a one-thread pass depends on the other jobs; the process CPU time
+    is what the pass itself cost. ``compare_prefill`` calls the model once per window and method (dense, then
+    sparse), so the list pairs up with its rows. The NLL scoring after each forward is outside the hooks.
+    """
+    import time
+
+    seconds: list[float] = []
+    start: list[float] = []
+    model.register_forward_pre_hook(lambda mod, args: start.append(time.process_time()))
+    model.register_forward_hook(lambda mod, args, out: seconds.append(time.process_time() - start.pop()))
+    return seconds
+
+
+def add_cpu_times(result: dict, cpu: list[float]) -> None:
+    """Per-window and total process CPU seconds of the dense and sparse prefill passes, and their ratio."""
+    if len(cpu) != 2 * len(result["rows"]):
+        raise RuntimeError(f"expected one dense and one sparse forward per window, timed {len(cpu)} forwards")
+    for row, dense, sparse in zip(result["rows"], cpu[0::2], cpu[1::2], strict=True):
+        row.update(dense_cpu_s=dense, sparse_cpu_s=sparse, speedup_cpu=dense / sparse)
+    result.update(dense_cpu_s=sum(cpu[0::2]), sparse_cpu_s=sum(cpu[1::2]))
+    result["speedup_cpu"] = result["dense_cpu_s"] / result["sparse_cpu_s"]
 
 
 def profile(model, tok, cfg: SparsePrefillConfig, args) -> None:

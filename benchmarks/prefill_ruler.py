@@ -48,6 +48,14 @@ def recording_method(cfg: SparsePrefillConfig, records: list[dict]) -> RuntimeMe
                          description=f"block-sparse prefill {cfg.to_json()}")
 
 
+def prompt_differences(records: list[dict], method: str = "sparse-prefill") -> list[dict]:
+    """The prompts whose score under ``method`` differs from full attention's (same seeded prompt), with both."""
+    full = {(r["length"], r["task"], r["index"]): r["score"] for r in records if r["method"] == "full"}
+    return [{"length": r["length"], "task": r["task"], "index": r["index"], "full": full[key], method: r["score"]}
+            for r in records if r["method"] == method
+            for key in [(r["length"], r["task"], r["index"])] if r["score"] != full[key]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -75,6 +83,14 @@ def main() -> None:
     for n in lengths:
         rs = [r for r in records if r["length"] == n]
         fractions[str(n)] = sum(r["computed_blocks"] for r in rs) / max(1, sum(r["causal_blocks"] for r in rs))
+    diffs = prompt_differences(result.records)
+    prompts = {n: sum(1 for r in sparse_rows if r["length"] == n) for n in lengths}
+    for n in lengths:
+        ds = [d for d in diffs if d["length"] == n]
+        up = sum(d["sparse-prefill"] > d["full"] for d in ds)
+        # a prompt weighs 1 / (samples x tasks) of a length's mean: a 0 <-> 100 swing moves it by 100 / that
+        print(f"{n}: {len(ds)} of {prompts[n]} prompts differ ({up} up, {len(ds) - up} down); one prompt moves the "
+              f"mean by up to {100 / max(1, prompts[n]):.1f} points")
     for name, res in result.methods.items():
         print(f"{name}: score {res['score']:.1f}; by length "
               + ", ".join(f"{n}: {v['score']:.1f}" for n, v in res["by_length"].items()))
@@ -84,7 +100,8 @@ def main() -> None:
         write_json_atomic(args.json, {
             "benchmark": "RULER-syn dense vs block-sparse prefill", "model": args.model, "dtype": args.dtype,
             "command": " ".join([".venv/bin/python", *sys.argv]), "config": cfg.to_dict(),
-            "block_fraction_by_length": fractions, "sparse_prefill_records": records, **result.to_dict(),
+            "block_fraction_by_length": fractions, "prompts_differing": diffs,
+            "sparse_prefill_records": records, **result.to_dict(),
             "machine": {**machine_info(args.dtype), "threads": torch.get_num_threads(),
                         "load_average": os.getloadavg()},
             "notes": "2-core machine shared with other engineers' jobs (see load_average)"})
