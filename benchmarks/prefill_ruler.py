@@ -6,8 +6,10 @@
 The runner is issue 5's ``run_ruler`` (full attention with a full-precision cache always scored beside, from the
 same seeded prompts). The sparse method is ``attn:sparse-prefill``'s config, attached per prompt through a scope
 that also keeps the handler's record, so the JSON says how many of the causal (query block, KV block) tiles the
-prefill computed over all 30 layers (dense-head groups and dense layers count as computed), and which calls
-went dense and why. Decoding is untouched (the config has no decode handlers).
+prefill computed (dense-head and dense-tail groups count as computed), and which calls went dense and why.
+``block_fraction_by_length`` counts the layers that run sparse only (the handler never sees ``dense_layers``);
+``block_fraction_all_layers_by_length`` adds each dense layer as fully computed (every layer has the same
+causal tile count). Decoding is untouched (the config has no decode handlers).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from compactlm.attention.runtime import sparse_attention
 from compactlm.evaluation.methods import RuntimeMethod
 from compactlm.evaluation.ruler import TASKS, check_tasks, parse_lengths, run_ruler
 from compactlm.models import load
+from compactlm.models.adapter import get_adapter
 from compactlm.utils import machine_info, write_json_atomic
 
 
@@ -91,16 +94,21 @@ def main() -> None:
         # a prompt weighs 1 / (samples x tasks) of a length's mean: a 0 <-> 100 swing moves it by 100 / that
         print(f"{n}: {len(ds)} of {prompts[n]} prompts differ ({up} up, {len(ds) - up} down); one prompt moves the "
               f"mean by up to {100 / max(1, prompts[n]):.1f} points")
+    layers = get_adapter(model).num_layers
+    dense = len(cfg.dense_layers)
+    all_layers = {n: ((layers - dense) * f + dense) / layers for n, f in fractions.items()}
     for name, res in result.methods.items():
         print(f"{name}: score {res['score']:.1f}; by length "
               + ", ".join(f"{n}: {v['score']:.1f}" for n, v in res["by_length"].items()))
-    print("block fraction computed by the sparse prefill (all layers): "
-          + ", ".join(f"{n}: {f:.3f}" for n, f in fractions.items()) + f"; {result.seconds:.0f} s")
+    print("block fraction computed by the sparse prefill, sparse layers (all layers): "
+          + ", ".join(f"{n}: {f:.3f} ({all_layers[n]:.3f})" for n, f in fractions.items())
+          + f"; {result.seconds:.0f} s")
     if args.json:
         write_json_atomic(args.json, {
             "benchmark": "RULER-syn dense vs block-sparse prefill", "model": args.model, "dtype": args.dtype,
             "command": " ".join([".venv/bin/python", *sys.argv]), "config": cfg.to_dict(),
-            "block_fraction_by_length": fractions, "prompts_differing": diffs,
+            "block_fraction_by_length": fractions,
+            "block_fraction_all_layers_by_length": all_layers, "prompts_differing": diffs,
             "sparse_prefill_records": records, **result.to_dict(),
             "machine": {**machine_info(args.dtype), "threads": torch.get_num_threads(),
                         "load_average": os.getloadavg()},
