@@ -39,6 +39,9 @@ def main() -> None:
     p.add_argument("--min-mass", type=float, default=0.9, help="profiler: propose layers below this captured mass")
     p.add_argument("--query-stride", type=int, default=1,
                    help="profiler: score every n-th query only (cost / n; default 1 = all)")
+    p.add_argument("--profiled", action="store_true",
+                   help="add the profiler's dense layers to --config as `--attn sparse-prefill-profiled` does "
+                        "(profiled on calibration essays once per model, then cached)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
@@ -50,6 +53,11 @@ def main() -> None:
     if args.profile:
         profile(model, tok, cfg, args)
         return
+    if args.profiled:
+        from compactlm.attention.prefill_profiled import profiled_config
+
+        cfg = profiled_config(model, cfg, tok)
+        print(f"profiled config: {cfg.to_json()}", flush=True)
     windows = eval_windows(tok, "wiki", args.length, args.windows)
     cpu = cpu_seconds_per_forward(model)
     result = compare_prefill(model, windows, cfg, log=lambda m: print(m, flush=True))
