@@ -427,5 +427,11 @@ def _register_method() -> None:
         return RuntimeMethod("sparse-prefill", attach=lambda m: sparse_attention(m, cfg), make_cache=make_cache,
                              shares_prefill=False, description=f"block-sparse prefill {cfg.to_json()}")
 
+    # ``attn:sparse-prefill-profiled`` (the profiler's dense layers + dense_tail 256) registers on import; the
+    # method registry imports only this module for prefill.
+    import importlib
+
+    importlib.import_module(".prefill_profiled", __package__)
+
 
 _register_method()
