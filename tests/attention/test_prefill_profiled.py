@@ -53,7 +53,7 @@ def test_profile_is_cached_per_folder_and_config(folder_model, monkeypatch):
     def no_profile(*args, **kwargs):
         raise AssertionError("a cached profile must not be recomputed")
 
-    monkeypatch.setattr(pp, "profile_layers", no_profile)
+    monkeypatch.setattr("compactlm.attention.prefill_profile.profile_layers", no_profile)
     assert pp.profiled_config(folder_model, cfg) == first
     # the impl does not change which blocks are chosen, so it shares the cache; the budget does not
     assert pp.cache_path(folder_model, dataclasses.replace(cfg, impl="gather")) == path
@@ -72,6 +72,18 @@ def test_preset_method_carries_the_profiled_config(folder_model):
     with torch.no_grad(), method.attach(folder_model) as built:
         folder_model(input_ids=ids, use_cache=False)
     assert set(built[0].state.sparse_calls) == set(range(2)) - set(expected.dense_layers)
+
+
+@pytest.mark.parametrize("first", ["compactlm.attention.prefill_profile", "compactlm.attention.prefill_profiled",
+                                   "compactlm.attention.prefill_sparse"])
+def test_each_prefill_module_imports_first(first):
+    """prefill_sparse registers the preset by importing prefill_profiled: no import order may be circular."""
+    import subprocess
+    import sys
+
+    code = f"import {first}; from compactlm.evaluation.methods import METHOD_BUILDERS; " \
+           "assert 'attn:sparse-prefill-profiled' in METHOD_BUILDERS"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_in_memory_model_without_tokenizer_raises(tiny_llama):

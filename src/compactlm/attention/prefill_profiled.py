@@ -24,7 +24,6 @@ import torch
 
 from ..errors import ConfigError
 from ..models.adapter import get_adapter
-from .prefill_profile import profile_layers
 from .prefill_sparse import SparsePrefillConfig, config_from_options
 
 BASE = {"dense_tail": 256}
@@ -74,6 +73,10 @@ def profiled_config(model: torch.nn.Module, cfg: SparsePrefillConfig | None = No
     if path is not None and path.is_file():
         layers = json.loads(path.read_text())["proposed"]
         return dataclasses.replace(cfg, dense_layers=tuple(sorted(set(cfg.dense_layers) | set(layers))))
+    # Imported here: prefill_sparse imports this module to register the preset, and prefill_profile imports
+    # prefill_sparse, so a module-level import would be circular when prefill_profile is imported first.
+    from .prefill_profile import profile_layers
+
     prompts = calibration_prompts(model, tokenizer) if batches is None else batches
     prof = profile_layers(model, prompts, cfg, min_mass=MIN_MASS, query_stride=QUERY_STRIDE)
     if path is not None:
