@@ -64,6 +64,8 @@ def test_quest_bound_is_an_upper_bound():
     bound = quest_bounds(q, lo, hi)  # (1, 2, 3, 5)
     true = torch.einsum("bhgd,bhld->bhgl", q, keys).view(1, 2, 3, 5, 8).amax(-1)
     assert (bound >= true - 1e-5).all()
+    elementwise = torch.maximum(q[:, :, :, None] * lo[:, :, None], q[:, :, :, None] * hi[:, :, None]).sum(-1)
+    assert torch.allclose(bound, elementwise, atol=1e-5)  # the GEMM form is Quest's formula, not a looser bound
 
 
 def test_streaming_tokens_and_padding():
