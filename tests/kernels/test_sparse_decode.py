@@ -127,3 +127,44 @@ def test_exact_keys_fast_matches_reference(sinks, recent):
     assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10), _err(out, ref)
     plain, _ = sals_decode(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, valid=valid)
     assert not torch.allclose(out, plain)  # the exact keys were used
+
+
+@pytest.mark.parametrize("mode", ["compressed", "index"])
+def test_capacity_slices_match_contiguous_and_are_not_copied(mode):
+    """Caches hand out [:, :, :length] slices of buffers with spare capacity: same result, gathered in place."""
+    from compactlm.kernels.sparse_decode import _row_view
+
+    b, h, hkv, d, length, r, cap = 2, 8, 2, 32, 150, 16, 256
+    q, qc, qs, latent, values, pos, proj, ct, st, valid = _inputs(b, h, hkv, d, length, r, torch.float64, padded=True)
+    keys = torch.randn(b, hkv, length, d, dtype=torch.float64) if mode == "index" else None
+    big_latent = torch.randn(b, cap, r, dtype=torch.float64)
+    big_values = torch.randn(b, hkv, cap, d, dtype=torch.float64)
+    big_latent[:, :length], big_values[:, :, :length] = latent, values
+    lat_view, val_view = big_latent[:, :length], big_values[:, :, :length]
+    assert not lat_view.is_contiguous() and not val_view.is_contiguous()
+    if keys is not None:
+        big_keys = torch.randn(b, hkv, cap, d, dtype=torch.float64)
+        big_keys[:, :, :length] = keys
+        keys = big_keys[:, :, :length]
+    p = SelectParams(k=20, sink=4, recent=8)
+    out, idx = sals_decode(q, qc, qs, lat_view, val_view, pos, proj, r // 2, ct, st, p, 0.125, valid=valid, keys=keys)
+    ref, ridx = sals_decode_reference(q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 0.125, valid=valid,
+                                      keys=None if keys is None else keys.contiguous())
+    assert torch.equal(idx.sort(-1).values, ridx.sort(-1).values)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10), _err(out, ref)
+    for view in (lat_view, val_view):  # a strided view over the buffer, not a copy of the cache
+        assert _row_view(view)[0].data_ptr() == view.data_ptr()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_weighted_rows_equals_gather_then_matmul(dtype, atol):
+    from compactlm.kernels.sparse_decode import gather_heads, weighted_rows
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(2, 3, 40, 16, generator=g, dtype=torch.float64).to(dtype)
+    idx = torch.stack([torch.randperm(40, generator=g)[:11] for _ in range(6)]).view(2, 3, 11)
+    p = torch.softmax(torch.randn(2, 3, 4, 11, generator=g, dtype=torch.float64), -1)
+    p[0, 1, :, :3] = 0.0  # masked slots carry weight 0
+    got = weighted_rows(p.to(dtype), values, idx).double()
+    ref = torch.matmul(p.to(dtype).double(), gather_heads(values, idx).double())
+    assert torch.allclose(got, ref, atol=atol)

@@ -3,9 +3,9 @@
 One new query token against a cache of L tokens, batch 1, 32 query heads / 8 KV heads / head dim 128, random
 inputs drawn fresh per length. The dense baseline is the faster of SDPA and a grouped matmul-softmax-matmul
 that never materialises the GQA repeat. Each method reports ms, the dense baseline's ms and name, their
-ratio, the ideal ratio (dense KV bytes / bytes the method must read) and the achieved fraction of it, in wall
-and in thread-CPU time (entries timed round-robin), at the
-process's thread count and at one thread. Also ``compactlm sals calibrate MODEL --out PATH``.
+ratio, the ideal ratio (dense KV bytes / bytes the method must read) and the achieved fraction of it, both in
+wall time and in thread CPU time (all entries timed round-robin), at the process's thread count and at one
+thread. Also ``compactlm sals calibrate MODEL --out PATH``.
 """
 
 from __future__ import annotations
