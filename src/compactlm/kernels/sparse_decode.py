@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention.selection import pool_heads, topk_blocks, topk_tokens
+from ..errors import ConfigError
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,9 @@ def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Invert :func:`rope`: rotate back by -θ and undo any attention scaling folded into cos/sin."""
     norm = cos * cos + sin * sin  # 1 for plain RoPE; s² where the family scales cos and sin by s
     return torch.addcmul(x * cos, rotate_half(x), -sin) / norm
+
+
+DECODE_IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -274,7 +278,7 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
                 values: torch.Tensor | PackedValues, positions: torch.Tensor, proj: torch.Tensor, r_star: int,
                 cos_table: torch.Tensor, sin_table: torch.Tensor, params: SelectParams, scaling: float,
                 valid: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                buffers: DecodeBuffers | None = None, exact: ExactKeys | None = None
+                buffers: DecodeBuffers | None = None, exact: ExactKeys | None = None, impl: str = "auto"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SALS decode step for one layer -> (out (B, 1, H, D), chosen slots (B, H_kv, n)).
 
@@ -283,7 +287,11 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
     proj (H_kv, D, r) the joint projection split per KV head; cos/sin_table (P, D) RoPE rows by position;
     ``keys`` (B, H_kv, L, D) post-RoPE keys in ``index`` mode (then nothing is rebuilt); ``exact``: keys kept
     exactly for sink and recent slots in ``compressed`` mode, used instead of their rebuild.
+    ``impl``: ``"torch"`` (these tensor ops), ``"triton"`` (:mod:`.sparse_decode_triton`, one fused launch after
+    the selection) or ``"auto"``: Triton on CUDA tensors where it applies (full-precision values, no exact keys).
     """
+    if impl not in DECODE_IMPLS:
+        raise ConfigError(f"impl={impl!r}: choose one of {', '.join(DECODE_IMPLS)}")
     b, h, _, d = q.shape
     hkv = proj.shape[0]
     g = h // hkv
@@ -293,6 +301,16 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
     q_pre = unrope(q_g, q_cos[:, None], q_sin[:, None])
     pooled = pooled_latent_scores(q_pre, proj[:, :, :r_star], latent[:, :, :r_star], params.pool, scaling)
     idx, ok = select(pooled, params, positions, valid)  # (B, H_kv, n)
+    fused_ok = exact is None and not isinstance(values, PackedValues)
+    if impl == "triton" and not fused_ok:
+        raise ConfigError("impl='triton' handles full-precision values without exact sink/recent keys; "
+                          "use impl='torch' or 'auto' for this cache")
+    if impl == "triton" or (impl == "auto" and fused_ok and q.is_cuda):
+        from .sparse_decode_triton import sals_attend_triton
+
+        out = sals_attend_triton(q_g, idx, values, scaling, selected_valid(valid, idx, ok), keys=keys, latent=latent,
+                                 proj=proj, positions=positions, cos_table=cos_table, sin_table=sin_table)
+        return out.reshape(b, h, 1, d).transpose(1, 2), idx
     n = idx.shape[-1]
     if keys is not None:
         k_sel = gather_heads(keys, idx, buffers.get("k", (b, hkv, n, d), keys.dtype, keys.device))
