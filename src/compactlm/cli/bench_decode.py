@@ -4,7 +4,7 @@ One new query token against a cache of L tokens, batch 1, 32 query heads / 8 KV 
 inputs drawn fresh per length. The dense baseline is the faster of SDPA and a grouped matmul-softmax-matmul
 that never materialises the GQA repeat. Each method reports ms, the dense baseline's ms and name, their
 ratio, the ideal ratio (dense KV bytes / bytes the method must read) and the achieved fraction of it, both in
-wall time and in thread CPU time (all entries timed round-robin), at the process's thread count and at one
+wall time and in process CPU time (all entries timed round-robin), at the process's thread count and at one
 thread. Also ``compactlm sals calibrate MODEL --out PATH``.
 """
 
@@ -14,16 +14,14 @@ import argparse
 import dataclasses
 import os
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from .common import add_bench_args, add_common, emit_json, print_table
+from .common import add_bench_args, add_common, emit_json, interleaved_ms, print_table
 from .common import parse_lengths as common_parse_lengths
 
 METHODS = ("sals", "sals-index", "sals-index-mean", "quest", "streaming", "oracle")
@@ -106,28 +104,6 @@ def _ideal(name: str, c: dict[str, Any]) -> float:
     return dense / read
 
 
-def interleaved_times(entries: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
-                      ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall and median thread-CPU milliseconds of each entry, timed round-robin.
-
-    Why round-robin and CPU time: on a shared machine a load change between two blocks of runs skews their
-    ratio, while interleaving exposes every entry to the same load; and the thread's CPU time does not count
-    the time the scheduler gives other processes, which the wall clock does.
-    """
-    for fn in entries.values():
-        for _ in range(warmup):
-            fn()
-    wall: dict[str, list[float]] = {name: [] for name in entries}
-    cpu: dict[str, list[float]] = {name: [] for name in entries}
-    for _ in range(repeats):
-        for name, fn in entries.items():
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            fn()
-            cpu[name].append(1e3 * (time.thread_time() - start_cpu))
-            wall[name].append(1e3 * (time.perf_counter() - start))
-    return ({n: statistics.median(t) for n, t in wall.items()}, {n: statistics.median(t) for n, t in cpu.items()})
-
-
 def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeats: int,
               threads: list[int]) -> list[dict[str, Any]]:
     from ..kernels.sparse_decode import dense_grouped_decode
@@ -149,7 +125,7 @@ def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeat
                     "grouped": lambda q=q, k=k, v=v: dense_grouped_decode(q, k, v, scaling),
                 }
                 entries.update({m: _method_fn(m, c, scaling) for m in methods})
-                wall, cpu = interleaved_times(entries, repeats)
+                wall, cpu = interleaved_ms(entries, repeats, warmup=2)
                 dense_ms, impl = min((wall["sdpa"], "sdpa"), (wall["grouped"], "grouped"))
                 dense_cpu_ms = min(cpu["sdpa"], cpu["grouped"])
                 for m in methods:
@@ -184,7 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
         "protocol": "ATTN-decode", "command": "compactlm " + shlex.join(sys.argv[1:]),
         "shapes": {"heads": 32, "kv_heads": 8, "head_dim": 128, "batch": 1},
         "budget": "keep L/8 + sink 16 + recent 64; SALS rank 25% (r=256), r*=128; Quest page 16",
-        "timing": "round-robin over dense and every method; ms = median wall, cpu_ms = median thread CPU time",
+        "timing": "round-robin over dense and every method; ms = median wall, cpu_ms = median process CPU time",
         "results": rows,
         "machine": {**machine_info(dtype), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     })
