@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                         "venv measures what a user gets: the dev venv's test extras add hqq, whose import "
                         "through transformers.cache_utils costs ~150 MiB of RSS")
     p.add_argument("--skip-base-check", action="store_true", help="reuse the base check of an existing JSON")
+    p.add_argument("--no-base-check", action="store_true",
+                   help="run no base-model harness check (two extra evaluations: 20+ min at the full protocol on "
+                        "this CPU); the quick-protocol JSONs hold one for the same loop and weights")
     p.add_argument("--json", help="result JSON (required)")
     p.add_argument("--note", default="", help="machine note recorded with the result (what else was running)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
@@ -250,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         ours_cmd = [args.ours_python, str(Path(__file__).resolve()), "--ours-worker", *common]
         llmc_cmd = [args.llmc_python, str(HERE / "_llmc_worker.py"), *common]
 
-        if not (args.skip_base_check and "base_check" in result):
+        if args.no_base_check:
+            result["base_check"] = "not run (--no-base-check)"
+        elif not (args.skip_base_check and "base_check" in result):
             theirs = _run([*llmc_cmd, "--base", "--out", str(tmpdir / "lb.json")], tmpdir / "lb.json",
                           tmpdir / "lb.log", "llm-compressor harness, base model")
             ours = _run([*ours_cmd, "--base", "--out", str(tmpdir / "ob.json")], tmpdir / "ob.json",

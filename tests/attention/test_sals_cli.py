@@ -24,6 +24,9 @@ def test_bench_decode_attention_writes_protocol_fields(tmp_path):
         assert {"method", "length", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio", "achieved"} <= set(r)
         assert r["dense_impl"] in ("sdpa", "grouped") and r["ms"] > 0
         assert r["ideal_ratio"] > 1 or r["method"] == "oracle"
+        assert r["cpu_ms"] > 0 and r["dense_cpu_ms"] > 0
+        assert r["ratio_cpu"] == pytest.approx(r["dense_cpu_ms"] / r["cpu_ms"])
+        assert r["achieved_cpu"] == pytest.approx(r["ratio_cpu"] / r["ideal_ratio"])
 
 
 def test_bad_inputs_exit_2(capsys):

@@ -64,6 +64,8 @@ def test_quest_bound_is_an_upper_bound():
     bound = quest_bounds(q, lo, hi)  # (1, 2, 3, 5)
     true = torch.einsum("bhgd,bhld->bhgl", q, keys).view(1, 2, 3, 5, 8).amax(-1)
     assert (bound >= true - 1e-5).all()
+    elementwise = torch.maximum(q[:, :, :, None] * lo[:, :, None], q[:, :, :, None] * hi[:, :, None]).sum(-1)
+    assert torch.allclose(bound, elementwise, atol=1e-5)  # the GEMM form is Quest's formula, not a looser bound
 
 
 def test_streaming_tokens_and_padding():
@@ -74,3 +76,19 @@ def test_streaming_tokens_and_padding():
     pos = valid.long().cumsum(-1) - 1
     idx = streaming_tokens(30, 2, 5, 1, 1, pos, valid)
     assert sorted(idx[0, 0].tolist()) == [6, 7, 25, 26, 27, 28, 29]
+
+
+def test_sortable_keys_order_like_floats_and_topk_is_exact():
+    from compactlm.attention.selection import sortable_keys
+
+    special = torch.tensor([float("-inf"), -3.5, -1e-30, 0.0, 1e-30, 2.0, float("inf")])
+    assert torch.equal(torch.argsort(sortable_keys(special)), torch.arange(7))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 500, generator=g).to(dtype)
+        k, xf = sortable_keys(x), x.float()
+        a, b = torch.randint(0, 500, (2, 5000), generator=g)
+        assert torch.equal(k[:, a] > k[:, b], xf[:, a] > xf[:, b])  # same pairwise order
+        assert torch.equal(k[:, a] == k[:, b], xf[:, a] == xf[:, b])  # ties kept
+        got = x.gather(1, topk_tokens(x[:, None], 37)[:, 0]).float().sort(-1).values
+        assert torch.equal(got, x.float().topk(37, dim=-1).values.sort(-1).values)

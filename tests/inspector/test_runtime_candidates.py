@@ -288,7 +288,9 @@ def test_kv_store_on_other_families(family, ids):
 
 @pytest.mark.parametrize("options", [{}, {"meta_dtype": "int8"}, {"value_rotation": True},
                                      {"meta_dtype": "int8", "value_rotation": True, "sinks": 4},
-                                     {"key_bits": 4}, {"value_bits": 4, "sinks": 4}])
+                                     {"key_bits": 4}, {"value_bits": 4, "sinks": 4},
+                                     {"clip_search": True}, {"meta_dtype": "int8", "clip_search": True, "sinks": 4},
+                                     {"meta_dtype": "int4"}, {"meta_dtype": "int4", "sinks": 4, "pre_rope": False}])
 def test_simulated_store_equals_what_the_cache_holds(options):
     """The inspector's simulated store reproduces the cache's quantized rows for every storage format."""
     from compactlm.inspector.runtime import simulate_store

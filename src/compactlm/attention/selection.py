@@ -60,6 +60,18 @@ def forced_mask(length: int, sink: int, recent: int, positions: torch.Tensor | N
     return forced
 
 
+def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys in the float order of ``scores`` (equal floats get equal keys, except −0.0 just below +0.0; NaN
+    above +inf, as topk treats it).
+
+    Why: ``topk`` over int32 ran ~1.5x faster than over fp32 or bf16 here (8 rows × 32K, k = 1/8), and the
+    top-k is the largest single cost of a decode-time selection after the scoring GEMM. The map flips the
+    magnitude bits of negative floats so that more negative sorts lower.
+    """
+    bits = scores.float().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def topk_tokens(scores: torch.Tensor, k: int, sink: int = 0, recent: int = 0,
                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Slots (B, H_kv, n) of the ``k`` best-scoring tokens plus the sink and recent ones; n = min(L, k+sink+recent)."""
@@ -73,7 +85,7 @@ def topk_tokens(scores: torch.Tensor, k: int, sink: int = 0, recent: int = 0,
             s.masked_fill_(~valid[:, None, :], NEG)
         if forced is not None:
             s.masked_fill_(forced[:, None, :], float("inf"))
-    return s.topk(n, dim=-1, sorted=False).indices
+    return sortable_keys(s).topk(n, dim=-1, sorted=False).indices
 
 
 def block_scores(scores: torch.Tensor, block: int, reduce: str = "max") -> torch.Tensor:
@@ -139,9 +151,11 @@ def quest_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
     """Quest's upper bound of q·k over each page (arXiv 2406.10774, §3.2): Σ_d max(q_d·min_d, q_d·max_d).
 
     query (B, H_kv, G, D); kmin/kmax (B, H_kv, P, D) per-page channel minima and maxima -> (B, H_kv, G, P).
+    Computed as two GEMMs, max(q_d·m_d, q_d·M_d) = max(q_d, 0)·M_d + min(q_d, 0)·m_d, instead of the
+    (G, P, D) elementwise maximum: the same bound without its (B, H_kv, G, P, D) temporaries.
     """
-    q = query[:, :, :, None, :]
-    return torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1)
+    return (torch.matmul(query.clamp(min=0), kmax.transpose(-1, -2))
+            + torch.matmul(query.clamp(max=0), kmin.transpose(-1, -2)))
 
 
 def page_minmax(keys: torch.Tensor, page: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 One new query token against a cache of L tokens, batch 1, 32 query heads / 8 KV heads / head dim 128, random
 inputs drawn fresh per length. The dense baseline is the faster of SDPA and a grouped matmul-softmax-matmul
 that never materialises the GQA repeat. Each method reports ms, the dense baseline's ms and name, their
-ratio, the ideal ratio (dense KV bytes / bytes the method must read) and the achieved fraction of it, at the
-process's thread count and at one thread. Also ``compactlm sals calibrate MODEL --out PATH``.
+ratio, the ideal ratio (dense KV bytes / bytes the method must read) and the achieved fraction of it, both in
+wall time and in process CPU time (all entries timed round-robin), at the process's thread count and at one
+thread. Also ``compactlm sals calibrate MODEL --out PATH``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .common import add_bench_args, add_common, emit_json, print_table
+from .common import add_bench_args, add_common, emit_json, interleaved_ms, print_table
 from .common import parse_lengths as common_parse_lengths
 
 METHODS = ("sals", "sals-index", "sals-index-mean", "quest", "streaming", "oracle")
@@ -106,10 +107,7 @@ def _ideal(name: str, c: dict[str, Any]) -> float:
 def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeats: int,
               threads: list[int]) -> list[dict[str, Any]]:
     from ..kernels.sparse_decode import dense_grouped_decode
-    from ..utils import median_time, progress
-
-    def time_ms(fn: Callable[[], Any]) -> float:  # ATTN-decode: median of `repeats` runs after 2 warm-up runs
-        return 1e3 * median_time(fn, warmup=2, repeat=repeats)
+    from ..utils import progress
 
     heads, kv_heads, d = 32, 8, 128
     scaling = d ** -0.5
@@ -121,16 +119,23 @@ def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeat
             for nt in threads:
                 torch.set_num_threads(nt)
                 q, k, v = c["q"], c["k"], c["v"]
-                sdpa_ms = time_ms(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, scale=scaling, enable_gqa=True))
-                grouped_ms = time_ms(lambda q=q, k=k, v=v: dense_grouped_decode(q, k, v, scaling))
-                dense_ms, impl = min((sdpa_ms, "sdpa"), (grouped_ms, "grouped"))
+                entries = {
+                    "sdpa": lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, scale=scaling, enable_gqa=True),
+                    "grouped": lambda q=q, k=k, v=v: dense_grouped_decode(q, k, v, scaling),
+                }
+                entries.update({m: _method_fn(m, c, scaling) for m in methods})
+                wall, cpu = interleaved_ms(entries, repeats, warmup=2)
+                dense_ms, impl = min((wall["sdpa"], "sdpa"), (wall["grouped"], "grouped"))
+                dense_cpu_ms = min(cpu["sdpa"], cpu["grouped"])
                 for m in methods:
-                    ms = time_ms(_method_fn(m, c, scaling))
                     ideal = _ideal(m, c)
-                    rows.append({"method": m, "length": length, "threads": nt, "ms": ms, "dense_ms": dense_ms,
-                                 "dense_impl": impl, "sdpa_ms": sdpa_ms, "grouped_ms": grouped_ms,
-                                 "ratio": dense_ms / ms, "ideal_ratio": ideal, "achieved": dense_ms / ms / ideal})
+                    rows.append({"method": m, "length": length, "threads": nt, "ms": wall[m], "dense_ms": dense_ms,
+                                 "dense_impl": impl, "sdpa_ms": wall["sdpa"], "grouped_ms": wall["grouped"],
+                                 "ratio": dense_ms / wall[m], "ideal_ratio": ideal,
+                                 "achieved": dense_ms / wall[m] / ideal,
+                                 "cpu_ms": cpu[m], "dense_cpu_ms": dense_cpu_ms,
+                                 "ratio_cpu": dense_cpu_ms / cpu[m], "achieved_cpu": dense_cpu_ms / cpu[m] / ideal})
     finally:
         torch.set_num_threads(before)
     return rows
@@ -150,11 +155,12 @@ def _bench(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()  # on a shared machine, the load says how far to trust the timings
     rows = run_bench(parse_lengths(args.lengths), methods, dtype, args.repeats, threads)
     print_table(rows, ["method", "length", "threads", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio",
-                       "achieved"])
+                       "achieved", "cpu_ms", "dense_cpu_ms", "ratio_cpu", "achieved_cpu"])
     emit_json(args.json, {
         "protocol": "ATTN-decode", "command": "compactlm " + shlex.join(sys.argv[1:]),
         "shapes": {"heads": 32, "kv_heads": 8, "head_dim": 128, "batch": 1},
         "budget": "keep L/8 + sink 16 + recent 64; SALS rank 25% (r=256), r*=128; Quest page 16",
+        "timing": "round-robin over dense and every method; ms = median wall, cpu_ms = median process CPU time",
         "results": rows,
         "machine": {**machine_info(dtype), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     })

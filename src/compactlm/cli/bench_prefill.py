@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
-from .common import add_bench_args, emit_json, parse_lengths, print_table
+from .common import add_bench_args, emit_json, interleaved_ms, parse_lengths, print_table
 
 
 def register(groups) -> None:
@@ -46,30 +46,6 @@ def register(groups) -> None:
     p.set_defaults(func=run)
 
 
-def interleaved_ms(entries: dict[str, Any], repeats: int, log) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall ms and median CPU ms of each entry's callable, timed round-robin: one warm-up call each (it
-    also compiles FlexAttention), then ``repeats`` rounds that call every entry once, so a load change on a
-    shared machine hits every entry alike instead of whichever happened to run during it. The CPU time
-    (``time.process_time``, this process only) is the figure to read under load with one thread: other jobs
-    stretch the wall time, not the work done."""
-    import statistics
-    import time
-
-    wall: dict[str, list[float]] = {name: [] for name in entries}
-    cpu: dict[str, list[float]] = {name: [] for name in entries}
-    for name, fn in entries.items():
-        fn()
-        log(f"  warmed up {name}")
-    for _ in range(repeats):
-        for name, fn in entries.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(1e3 * (time.perf_counter() - start))
-            cpu[name].append(1e3 * (time.process_time() - start_cpu))
-    return ({name: statistics.median(t) for name, t in wall.items()},
-            {name: statistics.median(t) for name, t in cpu.items()})
-
-
 def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
@@ -96,7 +72,7 @@ def bench_length(length: int, methods: dict[str, Any], args, log) -> list[dict[s
             entries[f"{name}:{impl}"] = lambda cfg=cfg, impl=impl: block_attention(q, k, v, select_blocks(q, k, cfg),
                                                                                    impl=impl)
     with torch.no_grad():
-        ms, cpu_ms = interleaved_ms(entries, args.repeats, log)
+        ms, cpu_ms = interleaved_ms(entries, args.repeats, log=log)
     sdpa_ms, flex_ms = ms["sdpa"], ms.get("flex_dense")
     dense_ms, dense_impl = min((sdpa_ms, "sdpa"), (flex_ms or float("inf"), "flex_dense"))
     dense_cpu_ms = cpu_ms[dense_impl]

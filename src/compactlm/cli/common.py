@@ -52,6 +52,35 @@ def parse_lengths(text: str, minimum: int) -> list[int]:
     return out
 
 
+def interleaved_ms(entries: dict[str, Any], repeats: int, warmup: int = 1, log=None
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms and median CPU ms of each entry's callable, timed round-robin.
+
+    ``warmup`` untimed calls each first (they also compile FlexAttention, build oneDNN primitives), then
+    ``repeats`` rounds that call every entry once, so a load change on a shared machine hits every entry alike
+    instead of whichever happened to run during it. The CPU time (``time.process_time``: this process, all its
+    threads) is the figure to read under load: other jobs stretch the wall time, not the work done.
+    """
+    import statistics
+    import time
+
+    for name, fn in entries.items():
+        for _ in range(warmup):
+            fn()
+        if log is not None:
+            log(f"  warmed up {name}")
+    wall: dict[str, list[float]] = {name: [] for name in entries}
+    cpu: dict[str, list[float]] = {name: [] for name in entries}
+    for _ in range(repeats):
+        for name, fn in entries.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(1e3 * (time.process_time() - start_cpu))
+            wall[name].append(1e3 * (time.perf_counter() - start))
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
+
+
 def emit_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         write_json_atomic(path, data)

@@ -65,7 +65,10 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     """Keys/values (B, H_kv, T, D) with every whole group after the sinks quantized and dequantized.
 
     Groups are those of the cache's store (``group_size`` tokens from the first non-sink token); the
-    tail that fills no whole group is returned exact (no query ever reads it from the store).
+    tail that fills no whole group is returned exact (no query ever reads it from the store). Every storage
+    option of :class:`KVQuant` is reproduced (tested against the cache): metadata formats, ``clip_search``
+    range fits, pre-RoPE keys, value rotation, and the 1-byte format's per-row base as a cache fixes it at the
+    first flush of a sequence prefilled at once.
     """
     b, _, t, d = key.shape
     s = min(cfg.sinks, t)
@@ -77,7 +80,19 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     pos = torch.arange(s, s + n, device=key.device, dtype=torch.int32)[None].expand(b, n)  # (B, n)
     if cfg.pre_rope:
         k = rope(k, pos, True)  # the cache quantizes un-rotated keys
-    kq = dequantize_groups(*quantize_groups(k, cfg.k_bits, cfg.group_size, -2, meta), cfg.group_size, -2, key.dtype)
+    # The 1-byte format codes every group against a per-row base the cache fixes at its first flush: for a
+    # sequence prefilled at once, the whole groups that leave the recent window then (all of them if none do).
+    first = (t - s - cfg.residual) // cfg.group_size * cfg.group_size
+    first = first if first > 0 else n
+
+    def store(x: torch.Tensor, bits: int, group: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        base = None
+        if cfg.meta_dtype == "int4":
+            base = quantize_groups(x[..., :first, :], bits, group, dim, meta, clip_search=cfg.clip_search)[2]
+        parts = quantize_groups(x, bits, group, dim, meta, clip_search=cfg.clip_search, base=base)
+        return dequantize_groups(*parts, group, dim, dtype)
+
+    kq = store(k, cfg.k_bits, cfg.group_size, -2, key.dtype)
     if cfg.pre_rope:
         kq = rope(kq, pos, False)
     vg = cfg.value_group(d)
@@ -85,8 +100,7 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
     if cfg.value_rotation:  # as the cache stores it: quantize v·H, read back dequant(v·H)·H (H symmetric orthonormal)
         h = hadamard(d, value.device)
         v = v.float() @ h
-    vq = dequantize_groups(*quantize_groups(v, cfg.v_bits, vg, -1, meta), vg, -1, torch.float32 if cfg.value_rotation
-                           else value.dtype)
+    vq = store(v, cfg.v_bits, vg, -1, torch.float32 if cfg.value_rotation else value.dtype)
     if cfg.value_rotation:
         vq = (vq @ h).to(value.dtype)
     k_out = torch.cat([key[..., :s, :], kq, key[..., s + n:, :]], -2)

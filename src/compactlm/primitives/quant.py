@@ -148,12 +148,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: 
     return ((q.float() - z) * s).to(dtype)
 
 
-def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Fake-quantize one column ``w`` (out,) with per-row ``scale``/``zero`` (out,): GPTQ's inner step."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    return (q - zero) * scale
-
-
 def rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: ``(codes, scale, zero)`` for ``w`` (out, in)."""
     scale, zero = choose_qparams(w, spec)
