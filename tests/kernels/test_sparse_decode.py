@@ -232,3 +232,11 @@ def test_decode_impl_choices_are_checked():
     out_auto, _ = sals_decode(*args)  # "auto" on CPU is the tensor path
     out_torch, _ = sals_decode(*args, impl="torch")
     assert torch.equal(out_auto, out_torch)
+
+
+def test_unknown_pool_is_a_config_error():
+    from compactlm.errors import ConfigError
+
+    q, qc, qs, latent, values, pos, proj, ct, st, _ = _inputs(1, 4, 2, 32, 64, 16, torch.float32)
+    with pytest.raises(ConfigError, match="head pooling"):
+        sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, SelectParams(k=8, pool="median"), 0.2)

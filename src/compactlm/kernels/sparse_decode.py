@@ -264,7 +264,7 @@ def pooled_latent_scores(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score:
     if pool == "softmax":  # a softmax over tokens per query head needs the head-major layout
         return pool_heads(latent_scores(q_pre, proj_score, z_score).permute(0, 3, 2, 1).contiguous(), pool, scaling)
     if pool not in ("max", "mean"):
-        return pool_heads(q_pre.new_empty(0), pool)  # raises the ConfigError naming the valid pools
+        raise ConfigError(f"pool={pool!r} is not a head pooling; use 'max', 'mean' or 'softmax'")
     s = latent_scores(q_pre, proj_score, z_score, mean_over_group=pool == "mean")  # (B, L, G', H_kv)
     pooled = s[:, :, 0]
     if s.shape[2] > 1:  # max over G as a chain of elementwise maxima: 4x faster than amax over a size-G dim
