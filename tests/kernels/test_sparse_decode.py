@@ -239,4 +239,5 @@ def test_unknown_pool_is_a_config_error():
 
     q, qc, qs, latent, values, pos, proj, ct, st, _ = _inputs(1, 4, 2, 32, 64, 16, torch.float32)
     with pytest.raises(ConfigError, match="head pooling"):
-        sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, SelectParams(k=8, pool="median"), 0.2)
+        params = SelectParams(k=8, sink=2, recent=4, pool="median")
+        sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, params, 0.2)
