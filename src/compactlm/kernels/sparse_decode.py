@@ -117,6 +117,15 @@ def weighted_rows(p: torch.Tensor, src: torch.Tensor, idx: torch.Tensor) -> torc
     return out.view(b, hkv, g, flat.shape[-1])
 
 
+def _chosen_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor | None) -> torch.Tensor:
+    """Softmax (fp32) of q (B, H_kv, G, D) against keys k (B, H_kv, n, D), masked by valid (B, H_kv|1, n)."""
+    s = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, n)
+    s = (s.float() if s.element_size() < 4 else s) * scaling
+    if valid is not None:
+        s.masked_fill_(~valid[:, :, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of grouped queries without materialising the GQA repeat.
@@ -124,12 +133,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     q (B, H_kv, G, D), k/v (B, H_kv, n, D), valid (B, H_kv, n) or (B, 1, n) bool -> (B, H_kv, G, D).
     Softmax in fp32.
     """
-    s = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, n)
-    s = (s.float() if s.element_size() < 4 else s) * scaling
-    if valid is not None:
-        s.masked_fill_(~valid[:, :, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).to(v.dtype)
-    return torch.matmul(p, v)
+    return torch.matmul(_chosen_probs(q, k, scaling, valid).to(v.dtype), v)
 
 
 def chosen_attention(q: torch.Tensor, k_sel: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, scaling: float,
@@ -141,11 +145,7 @@ def chosen_attention(q: torch.Tensor, k_sel: torch.Tensor, values: torch.Tensor,
     """
     if v_sel is not None:
         return grouped_attention(q, k_sel, v_sel, scaling, valid)
-    s = torch.matmul(q, k_sel.transpose(-1, -2))  # (B, H_kv, G, n)
-    s = (s.float() if s.element_size() < 4 else s) * scaling
-    if valid is not None:
-        s.masked_fill_(~valid[:, :, None, :], float("-inf"))
-    return weighted_rows(torch.softmax(s, dim=-1), values, idx).to(q.dtype)
+    return weighted_rows(_chosen_probs(q, k_sel, scaling, valid), values, idx).to(q.dtype)
 
 
 @dataclass(frozen=True)
