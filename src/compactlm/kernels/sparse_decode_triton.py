@@ -130,9 +130,19 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+_HALVES: dict[tuple, bool] = {}
+
+
 def _halves_equal(table: torch.Tensor) -> bool:
-    half = table.shape[-1] // 2
-    return bool(torch.equal(table[..., :half], table[..., half:]))
+    """Whether a RoPE table repeats its halves; memoized per table (and version), since it is checked every decode
+    step of every layer and, on a GPU, each check would otherwise synchronise the device."""
+    key = (table.data_ptr(), table._version, tuple(table.shape), tuple(table.stride()), str(table.device))
+    if key not in _HALVES:
+        if len(_HALVES) > 256:  # tables are few (one per dtype and length); keep the memo small
+            _HALVES.clear()
+        half = table.shape[-1] // 2
+        _HALVES[key] = bool(torch.equal(table[..., :half], table[..., half:]))
+    return _HALVES[key]
 
 
 def sals_attend_triton(q: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scaling: float,
@@ -172,7 +182,7 @@ def sals_attend_triton(q: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
     acc = torch.empty(b, hkv, splits, g_pad, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(b, hkv, splits, g_pad, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
-    flag = (valid if valid is not None else idx).to(torch.int8).contiguous()
+    flag = valid.to(torch.int8).contiguous() if valid is not None else idx  # idx: a pointer the kernel never reads
     dummy = q.new_empty(1)
     k_t = keys if keys is not None else dummy
     z_t = latent if compressed else dummy
