@@ -23,6 +23,11 @@ from .prefill_sparse import SparsePrefillConfig, select_blocks
 from .runtime import attention_override
 
 
+def with_dense_layers(cfg: SparsePrefillConfig, layers) -> SparsePrefillConfig:
+    """``cfg`` with ``layers`` added to its dense-fallback layers (sorted, without repeats)."""
+    return dataclasses.replace(cfg, dense_layers=tuple(sorted(set(cfg.dense_layers) | set(layers))))
+
+
 @dataclass(frozen=True)
 class LayerProfile:
     """Per-layer mean captured mass and block fraction, and the layers proposed for dense fallback."""
@@ -33,7 +38,7 @@ class LayerProfile:
     min_mass: float
 
     def with_fallback(self, cfg: SparsePrefillConfig) -> SparsePrefillConfig:
-        return dataclasses.replace(cfg, dense_layers=tuple(sorted(set(cfg.dense_layers) | set(self.proposed))))
+        return with_dense_layers(cfg, self.proposed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.adapter import get_adapter
+from ..utils import write_json_atomic
 from .prefill_sparse import SparsePrefillConfig, config_from_options
 
 BASE = {"dense_tail": 256}
@@ -71,20 +72,18 @@ def profiled_config(model: torch.nn.Module, cfg: SparsePrefillConfig | None = No
     cfg = SparsePrefillConfig(**BASE) if cfg is None else cfg
     path = cache_path(model, cfg) if batches is None else None
     if path is not None and path.is_file():
-        layers = json.loads(path.read_text())["proposed"]
-        return dataclasses.replace(cfg, dense_layers=tuple(sorted(set(cfg.dense_layers) | set(layers))))
+        from .prefill_profile import with_dense_layers  # lazily: see the import below
+
+        return with_dense_layers(cfg, json.loads(path.read_text())["proposed"])
     # Imported here: prefill_sparse imports this module to register the preset, and prefill_profile imports
     # prefill_sparse, so a module-level import would be circular when prefill_profile is imported first.
     from .prefill_profile import profile_layers
 
     prompts = calibration_prompts(model, tokenizer) if batches is None else batches
     prof = profile_layers(model, prompts, cfg, min_mass=MIN_MASS, query_stride=QUERY_STRIDE)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**prof.to_dict(), "config": cfg.to_dict(), "query_stride": QUERY_STRIDE,
-                                   "prompts": f"{len(prompts)} x {prompts[0].shape[1]} essay tokens, seed 0"}))
-        tmp.replace(path)  # atomic: a concurrent reader sees the whole file or none
+    if path is not None:  # atomic: a concurrent reader sees the whole file or none
+        write_json_atomic(path, {**prof.to_dict(), "config": cfg.to_dict(), "query_stride": QUERY_STRIDE,
+                                 "prompts": f"{len(prompts)} x {prompts[0].shape[1]} essay tokens, seed 0"})
     return prof.with_fallback(cfg)
 
 
