@@ -109,17 +109,9 @@ def bytes_only(args, model, full: DynamicCache, full_bytes: int, bf16_bytes: int
            "note": "cache filled with exactly --context random keys/values of the model's shape (bytes do not "
                    "depend on the values), converted to each config, bytes summed over every tensor held: "
                    "codes, scales, zeros, full-precision window and sinks, key positions (pre_rope)",
-           "command": "python " + shlex.join(sys.argv), "machine": machine(args.dtype)}
+           "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype)}
     if args.json:
         write_json_atomic(args.json, out)
-
-
-def machine(dtype: str) -> dict:
-    """``machine_info``, with the commit of a ``git archive`` snapshot (``COMPACTLM_SNAPSHOT``) when run from one."""
-    info = machine_info(dtype)
-    if "git_commit" not in info and os.environ.get("COMPACTLM_SNAPSHOT"):
-        info["git_commit"] = os.environ["COMPACTLM_SNAPSHOT"]
-    return info
 
 
 def speed_configs(names: str | None) -> dict[str, KVQuant]:
@@ -215,7 +207,7 @@ def main() -> None:
            "context": args.context, "steps": args.steps, "threads": args.threads, "rows": rows,
            "note": "caches filled with random keys/values of the model's shape; bytes measured from the tensors "
                    "held; decode steps timed round-robin across configurations; wall and process CPU time per step",
-           "command": "python " + shlex.join(sys.argv), "machine": machine(args.dtype),
+           "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype),
            "loadavg_before_after": [load_before, os.getloadavg()]}
     if args.json:
         write_json_atomic(args.json, out)

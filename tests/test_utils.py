@@ -33,6 +33,20 @@ def test_json_and_machine_notes(tmp_path):
     assert {"cpu", "cores", "torch", "threads", "date", "dtype"} <= set(data)
 
 
+def test_machine_notes_name_the_snapshot_commit_outside_git(monkeypatch):
+    """Run from a `git archive` snapshot, git fails: COMPACTLM_SNAPSHOT names the commit instead."""
+    import subprocess
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("COMPACTLM_SNAPSHOT", raising=False)
+    assert "git_commit" not in machine_info()
+    monkeypatch.setenv("COMPACTLM_SNAPSHOT", "abc1234")
+    assert machine_info()["git_commit"] == "abc1234"
+
+
 def test_outputs_get_ordinary_permissions(tmp_path):
     import os
     import stat

@@ -93,7 +93,9 @@ def machine_info(dtype: torch.dtype | str | None = None) -> dict[str, Any]:
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        pass
+        # Run from a `git archive` snapshot (no repository): the runner names the commit it was cut from.
+        if os.environ.get("COMPACTLM_SNAPSHOT"):
+            info["git_commit"] = os.environ["COMPACTLM_SNAPSHOT"]
     return info
 
 

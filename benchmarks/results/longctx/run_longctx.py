@@ -51,10 +51,7 @@ def _methods(model, kv: str | None, attn: str | None):
 def _header(args, protocol: str, started: float) -> dict:
     from compactlm.utils import machine_info
 
-    info = machine_info(args.dtype)
-    if "git_commit" not in info and os.environ.get("COMPACTLM_SNAPSHOT"):
-        # Run from a `git archive` snapshot of a commit (other engineers edit the working tree meanwhile).
-        info["git_commit"] = os.environ["COMPACTLM_SNAPSHOT"]
+    info = machine_info(args.dtype)  # names COMPACTLM_SNAPSHOT's commit when run from a `git archive` snapshot
     info["load_note"] = ("2-core CPU shared with other engineers' benchmarks during the run; "
                          f"torch threads {args.threads}")
     return {"model": args.model, "dtype": args.dtype, "protocol": protocol,
