@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from block_prefill_helpers import SHAPES, assert_close, inputs, random_layout
+from triton_helpers import run_interpreted
 
 from compactlm.errors import ConfigError
 from compactlm.kernels.block_prefill import (
@@ -86,17 +87,7 @@ print(json.dumps({"max": (out - ref).abs().max().item(), "mean": (out - ref).abs
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_interpreter_matches_reference(shape, dtype):
     """Runs in a fresh interpreter: TRITON_INTERPRET must be set before anything (inductor) imports triton."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, json.dumps([*shape, dtype])], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    diff = json.loads(proc.stdout.strip().splitlines()[-1])
+    diff = run_interpreted(TRITON_CHECK, [*shape, dtype])
     assert diff["max"] < (2e-5 if dtype == "float32" else 3e-2), diff
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from triton_helpers import run_interpreted
 
 from compactlm.kernels.reference import masked_attention_reference, sals_decode_reference
 from compactlm.kernels.sparse_decode import (
@@ -198,19 +200,7 @@ def test_triton_decode_interpreter_matches_reference(shape):
     query group of 3 (padded to 16 rows), a latent rank that is not a power of two, left padding, and several
     splits of the chosen slots.
     """
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    code = TRITON_DECODE_CHECK.format(tests=str(Path(__file__).parent))
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(shape)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(TRITON_DECODE_CHECK.format(tests=str(Path(__file__).parent)), shape)
     assert res["same_idx"] and res["max"] < 1e-5, res
 
 
