@@ -231,3 +231,24 @@ def test_unknown_pool_is_a_config_error():
     with pytest.raises(ConfigError, match="head pooling"):
         params = SelectParams(k=8, sink=2, recent=4, pool="median")
         sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, params, 0.2)
+
+
+def test_triton_wrapper_rejects_what_the_kernel_cannot_run(monkeypatch):
+    """Each input the fused kernel cannot take gets a ConfigError naming it (checked before any launch)."""
+    from compactlm.errors import ConfigError
+    from compactlm.kernels.sparse_decode_triton import sals_attend_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the CUDA check, on CPU tensors
+    q, qc, qs, latent, values, pos, proj, ct, st, _ = _inputs(1, 4, 2, 32, 64, 16, torch.float32)
+    q_g, idx = q.view(1, 2, 2, 32), torch.zeros(1, 2, 8, dtype=torch.long)
+    with pytest.raises(ConfigError, match="power-of-two head dim"):
+        sals_attend_triton(q_g[..., :24], idx, values[..., :24], 0.2, keys=values[..., :24])
+    with pytest.raises(ConfigError, match="needs latent, proj, positions"):
+        sals_attend_triton(q_g, idx, values, 0.2, latent=latent)
+    odd = ct.clone()
+    odd[:, 0] += 1.0  # halves differ: not the rotate_half table layout
+    with pytest.raises(ConfigError, match="repeat their halves"):
+        sals_attend_triton(q_g, idx, values, 0.2, latent=latent, proj=proj, positions=pos, cos_table=odd,
+                           sin_table=st)
+    with pytest.raises(ConfigError, match="last dim must be contiguous"):
+        sals_attend_triton(q_g, idx, values.transpose(-1, -2).contiguous().transpose(-1, -2), 0.2, keys=values)
