@@ -24,8 +24,9 @@ How it stays fair:
   harness is checked first: each side's base-model PPL on the windows must agree, else the run stops.
 - Settings: g64 asymmetric W4 / W3 / W2; GPTQ block 128, damping 0.01, static act-order on both sides
   (llm-compressor's defaults, and ours), min-max ranges on both (our default clipping search is turned off
-  for the main row; ``--variant clip:clip_search=true`` adds a row with it). lm_head (tied to the embedding)
-  stays full precision on both.
+  for the main row; ``--variant clip:clip_search=true`` adds a row with it, and ``--ours-overrides
+  clip_search=true`` makes our default the main row instead, saving a side when the min-max row is not
+  wanted). lm_head (tied to the embedding) stays full precision on both.
 - What still differs by default: ours is true-sequential (q/k/v, then o, then gate/up, then down, each
   group calibrated on the outputs of the already-quantized groups before it) with 8 sequences per forward;
   llm-compressor's sequential pipeline collects every linear's Hessian of a layer in one pass, one sequence
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -116,6 +118,7 @@ def _run_together(jobs: list[tuple[list[str], Path, Path, str]], keys: tuple[str
     return their result JSONs. With several jobs (``--concurrent``) the sides see the same machine load, so their
     CPU-time ratio is not skewed by load changes between turns (each process still has its own peak RSS)."""
     procs = []
+    load_start = os.getloadavg()  # what else ran: CPU seconds move less with load than wall time, but do move
     for cmd, _out, log, label in jobs:
         print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
         f = open(log, "w")
@@ -130,6 +133,7 @@ def _run_together(jobs: list[tuple[list[str], Path, Path, str]], keys: tuple[str
             raise SystemExit(f"{label} failed (exit {rc}); last output:\n{log.read_text()[-3000:]}")
         result = json.loads(out.read_text())
         result["process_seconds"] = time.perf_counter() - start
+        result["loadavg_start_end"] = [list(load_start), list(os.getloadavg())]
         print(f"[{time.strftime('%H:%M:%S')}] {label}: " + ", ".join(
             f"{k} {result[k]:.3f}" for k in keys if k in result), flush=True)
         results.append(result)
@@ -179,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
                    help="an extra compactlm row with GPTQ config overrides, e.g. "
                         "'llmc_structure:true_sequential=false,batch_size=1' (repeatable)")
+    p.add_argument("--ours-overrides", default="", metavar="FIELD=VALUE,...",
+                   help="GPTQ config overrides for our main row (default: none, i.e. min-max like llm-compressor); "
+                        "'clip_search=true' makes the main row our default configuration")
     p.add_argument("--variant-bits", default="", help="bit widths at which to run the variants (default: all)")
     p.add_argument("--autoround-python", default="",
                    help="python of a venv holding auto-round 0.16.1: adds an AutoRound row per setting, same ids "
@@ -211,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bits = [int(b) for b in args.bits.split(",")]
     variants = dict(_parse_variant(v) for v in args.variant)
+    main_overrides = _parse_variant(f"main:{args.ours_overrides}")[1] if args.ours_overrides else {}
     variant_bits = [int(b) for b in args.variant_bits.split(",")] if args.variant_bits else bits
     for b in bits:
         if b not in (2, 3, 4, 8):
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             setting = ["--bits", str(b), "--group-size", str(args.group_size)]
             jobs = [([*llmc_cmd, *setting, "--out", str(tmpdir / f"l{b}.json")], tmpdir / f"l{b}.json",
                      tmpdir / f"l{b}.log", f"llm-compressor GPTQModifier W{b} g{args.group_size}"),
-                    ([*ours_cmd, *setting, "--out", str(tmpdir / f"o{b}.json")], tmpdir / f"o{b}.json",
+                    ([*ours_cmd, *setting, *(["--overrides", json.dumps(main_overrides)] if main_overrides else []),
+                      "--out", str(tmpdir / f"o{b}.json")], tmpdir / f"o{b}.json",
                      tmpdir / f"o{b}.log", f"compactlm GPTQ W{b} g{args.group_size}")]
             if args.autoround_python:
                 jobs.append(([args.autoround_python, str(HERE / "_autoround_worker.py"), *common, *setting,
@@ -283,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"AutoRound iters={args.autoround_iters} W{b} g{args.group_size}"))
             theirs, ours, *autoround = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
             row = {"bits": b, "group_size": args.group_size, "concurrent": args.concurrent,
+                   "ours_overrides": main_overrides,
                    "llmc": theirs, "ours": ours,
                    "ratio_ours_over_llmc": {k: ours[k] / theirs[k]
                                             for k in RATIO_KEYS},
