@@ -42,6 +42,7 @@ from ..config import BaseConfig, PerLayer
 from ..errors import ConfigError
 from ..kv.cache import _rope_for
 from ..kv.config import KVQuant
+from ..kv.key_bits import MixedKeyStore, allocate, group_ranges, pair_mean
 from ..kv.quantizer import META_DTYPES, dequantize_groups, hadamard, quantize_groups
 from ..models.adapter import get_adapter
 
@@ -61,14 +62,15 @@ def store_mask(q_pos: torch.Tensor, kv_len: int, cfg: KVQuant) -> torch.Tensor:
 
 def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
                    rope: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   query_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys/values (B, H_kv, T, D) with every whole group after the sinks quantized and dequantized.
 
     Groups are those of the cache's store (``group_size`` tokens from the first non-sink token); the
     tail that fills no whole group is returned exact (no query ever reads it from the store). Every storage
     option of :class:`KVQuant` is reproduced (tested against the cache): metadata formats, ``clip_search``
-    range fits, pre-RoPE keys, value rotation, and the 1-byte format's per-row base as a cache fixes it at the
-    first flush of a sequence prefilled at once.
+    range fits, pre-RoPE keys, value rotation, per-channel key bits (``query_weights`` (H_kv, D), as the cache
+    gets them from the adapter), and the 1-byte format's per-row base and the key bit widths as a cache fixes
+    them at the first flush of a sequence prefilled at once.
     """
     b, _, t, d = key.shape
     s = min(cfg.sinks, t)
@@ -92,7 +94,16 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
         parts = quantize_groups(x, bits, group, dim, meta, clip_search=cfg.clip_search, base=base)
         return dequantize_groups(*parts, group, dim, dtype)
 
-    kq = store(k, cfg.k_bits, cfg.group_size, -2, key.dtype)
+    if cfg.key_allocation == "importance":
+        if query_weights is None:
+            raise ValueError("key_allocation='importance' needs the layer's query weights")
+        g = cfg.group_size
+        bits = allocate(pair_mean(query_weights.to(k.device)) * group_ranges(k[..., :first, :], g), cfg.k_bits)
+        first_flush = MixedKeyStore.quantize(k[..., :first, :], bits, g, meta, clip_search=cfg.clip_search)
+        kq = MixedKeyStore.quantize(k, None, g, meta, clip_search=cfg.clip_search, like=first_flush).dequantize(
+            key.dtype)
+    else:
+        kq = store(k, cfg.k_bits, cfg.group_size, -2, key.dtype)
     if cfg.pre_rope:
         kq = rope(kq, pos, False)
     vg = cfg.value_group(d)
@@ -120,7 +131,7 @@ def allowed_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, d
 
 def kv_store_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
                        scaling: float, cfg: KVQuant, rope=None, softcap: float | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       query_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` (B, H, Tq, D) over the KV cache as ``cfg``'s store holds it at each query's step.
 
     ``key``/``value`` (B, H_kv, Tk, D) exact; ``allowed`` bool mask broadcastable to (B, H, Tq, Tk).
@@ -129,7 +140,7 @@ def kv_store_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """
     tq, tk = query.shape[-2], key.shape[-2]
     groups = query.shape[1] // key.shape[1]
-    k_deq, v_deq = simulate_store(key, value, cfg, rope)
+    k_deq, v_deq = simulate_store(key, value, cfg, rope, query_weights)
     rep = (lambda x: x.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda x: x)  # noqa: E731
     use_store = store_mask(torch.arange(tk - tq, tk, device=query.device), tk, cfg)  # (Tq, Tk)
     scores = torch.where(use_store, query @ rep(k_deq).transpose(-1, -2), query @ rep(key).transpose(-1, -2))
@@ -144,12 +155,13 @@ def kv_store_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 # --- handlers --------------------------------------------------------------------------------------------
 
-def kv_store_handler(cfg: KVQuant, rope=None) -> Handler:
+def kv_store_handler(cfg: KVQuant, rope=None, query_weights: torch.Tensor | None = None) -> Handler:
     """An attention handler that attends over ``cfg``'s simulated store (see :func:`kv_store_attention`)."""
     def handler(module, query, key, value, attention_mask, scaling, fallback, **kwargs):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         allowed = allowed_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
-        return kv_store_attention(query, key, value, allowed, scaling, cfg, rope, kwargs.get("softcap"))
+        return kv_store_attention(query, key, value, allowed, scaling, cfg, rope, kwargs.get("softcap"),
+                                  query_weights)
 
     return handler
 
@@ -241,7 +253,8 @@ def _kv_handlers(model: nn.Module, cfg: KVQuant | PerLayer) -> tuple[dict[int, H
                               "KVQuant configs keyed by attention module path")
         layer_cfg.check_model(adapter.head_dim)
         rope = _rope_for(adapter, i) if layer_cfg.pre_rope else None
-        handlers[i] = kv_store_handler(layer_cfg, rope)
+        weights = adapter.query_channel_weights(i) if layer_cfg.key_allocation == "importance" else None
+        handlers[i] = kv_store_handler(layer_cfg, rope, weights)
         described.setdefault(layer_cfg.to_json(), []).append(i)
     if not handlers:
         raise ConfigError("the KV PerLayer config matches no attention module (keys are attention module paths "

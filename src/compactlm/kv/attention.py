@@ -130,7 +130,8 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
     exact(layer.sink_k, layer.sink_v)
     for start in range(0, layer.quantized_length, chunk):
         end = min(start + chunk, layer.quantized_length)
-        if layer.cfg.pre_rope:  # rotation mixes channel pairs: dequantize, re-rotate, then attend
+        if layer.cfg.pre_rope or not isinstance(layer.qk, QuantizedKV):
+            # RoPE mixes channel pairs, and mixed-width keys have no single code tensor: dequantize, then attend
             scores = (q @ layer.dequantized_keys(start, end, dt).transpose(-1, -2)).float()
         else:
             scores = _folded_key_scores(q, layer.qk, start, end)

@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import KVQuant
+from .key_bits import MixedKeyStore, allocate, group_ranges, pair_mean
 from .quantizer import META_DTYPES, QuantizedKV, hadamard
 
 Rope = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (k (B,H,T,D), positions (B,T), inverse)
@@ -42,15 +43,18 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, config: KVQuant, rope: Rope | None = None):
+    def __init__(self, config: KVQuant, rope: Rope | None = None, query_weights: torch.Tensor | None = None):
         super().__init__()
         if config.pre_rope and rope is None:
             raise ValueError("pre_rope=True needs the model's rotary embedding (build the cache from a model)")
+        if config.key_allocation == "importance" and query_weights is None:
+            raise ValueError("key_allocation='importance' needs the query weights (build the cache from a model)")
         self.cfg = config
         self.rope = rope
+        self.query_weights = query_weights  # (H_kv, D) E[q_c²] estimate, for per-channel key bits
         self.meta_dtype = META_DTYPES[config.meta_dtype]
         self.sink_k = self.sink_v = None  # (B, H, S, D) full precision
-        self.qk: QuantizedKV | None = None  # keys, grouped along tokens
+        self.qk: QuantizedKV | MixedKeyStore | None = None  # keys, grouped along tokens
         self.qv: QuantizedKV | None = None  # values, grouped along channels
         # positions of quantized keys (pre_rope only): (B, Tq/G) int32 first position of each group while every
         # group's positions are consecutive (4 bytes per group instead of per token), else (B, Tq) per token
@@ -131,7 +135,14 @@ class QuantizedKVLayer(DynamicLayer):
             self._store_positions(pos, flushed_valid)
             self.rpos = self.rpos[:, m:]
         clip = self.cfg.clip_search
-        qk = QuantizedKV.quantize(k, self.cfg.k_bits, g, -2, self.meta_dtype, flushed_valid, clip, self.qk)
+        if self.cfg.key_allocation == "importance":
+            bits = None
+            if self.qk is None:  # the layer's channel widths are chosen once, from its first flushed keys
+                weights = pair_mean(self.query_weights.to(k.device))
+                bits = allocate(weights * group_ranges(k, g, flushed_valid), self.cfg.k_bits)
+            qk = MixedKeyStore.quantize(k, bits, g, self.meta_dtype, flushed_valid, clip, self.qk)
+        else:
+            qk = QuantizedKV.quantize(k, self.cfg.k_bits, g, -2, self.meta_dtype, flushed_valid, clip, self.qk)
         if self.cfg.value_rotation:  # quantize v·H; read back as dequant(v·H)·H (H symmetric orthonormal)
             v = v.float() @ hadamard(v.shape[-1], v.device)
         qv = QuantizedKV.quantize(v, self.cfg.v_bits, self.cfg.value_group(v.shape[-1]), -1, self.meta_dtype,
@@ -212,7 +223,7 @@ class QuantizedKVLayer(DynamicLayer):
         raise NotImplementedError("a quantized KV cache cannot be cropped (assisted decoding is not supported)")
 
     def reset(self) -> None:
-        self.__init__(self.cfg, self.rope)
+        self.__init__(self.cfg, self.rope, self.query_weights)
 
 
 class QuantizedKVCache(Cache):
@@ -233,7 +244,9 @@ class QuantizedKVCache(Cache):
 
             raise UnsupportedArchitectureError(f"layers {sliding} use {adapter.layer_type(sliding[0])!r}; the "
                                                "quantized KV cache supports full-attention layers only")
-        layers = [QuantizedKVLayer(config, _rope_for(adapter, i) if config.pre_rope else None)
+        importance = config.key_allocation == "importance"
+        layers = [QuantizedKVLayer(config, _rope_for(adapter, i) if config.pre_rope else None,
+                                   adapter.query_channel_weights(i) if importance else None)
                   for i in range(adapter.num_layers)]
         super().__init__(layers=layers)
         self.config = config

@@ -39,6 +39,10 @@ class KVQuant(BaseConfig):
             quantizing (QuaRot, arXiv 2404.00456, §4) and back when read (exact in full precision; needs
             a power-of-two head dim). Keys are not rotated: their per-channel groups rely on outliers
             staying in fixed channels (KIVI §3.1).
+        key_allocation: ``"uniform"`` (every key channel gets ``k_bits``) or ``"importance"``: each key
+            channel gets 0, 2 or 4 bits, averaging ``k_bits`` (2) per layer, by its share of the score error
+            ``E[q_c²]·range_c²`` — query term from the weights, range from the layer's first flushed keys
+            (``compactlm.kv.key_bits``; KVQuant §3.3's sensitivity weighting, spent on bit widths).
         fused_attention: decode attention reads the quantized store chunk by chunk (no full
             dequantized copy); False returns dequantized keys/values to the model's own attention.
         chunk_tokens: tokens dequantized at a time by the fused attention (a multiple of group_size).
@@ -55,6 +59,7 @@ class KVQuant(BaseConfig):
     meta_dtype: str = "fp16"
     clip_search: bool = False
     value_rotation: bool = False
+    key_allocation: str = "uniform"
     fused_attention: bool = True
     chunk_tokens: int = 1024
 
@@ -81,6 +86,11 @@ class KVQuant(BaseConfig):
             raise ConfigError("KVQuant(meta_dtype='int4') is for 2-bit keys and values (its offsets span ±1.5 steps "
                               "around a channel's midpoint, which fits 3-step codes); use meta_dtype='int8' or 'fp16' "
                               f"for {self.k_bits}-bit keys / {self.v_bits}-bit values")
+        if self.key_allocation not in ("uniform", "importance"):
+            raise ConfigError(f"KVQuant.key_allocation must be 'uniform' or 'importance', got {self.key_allocation!r}")
+        if self.key_allocation == "importance" and self.k_bits != 2:
+            raise ConfigError("KVQuant(key_allocation='importance') spreads an average of 2 key bits over 0/2/4-bit "
+                              f"channels; it needs 2-bit keys (bits=2 or key_bits=2), got {self.k_bits}-bit keys")
         if not isinstance(self.clip_search, bool):
             raise ConfigError(f"KVQuant.clip_search must be True or False, got {self.clip_search!r}")
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < self.group_size \
@@ -119,7 +129,7 @@ class KVQuant(BaseConfig):
         extra = (f"-vg{self.value_group_size}" if self.value_group_size else "") + (
             f"-s{self.sinks}" if self.sinks else "") + ("-prerope" if self.pre_rope else "") + (
             {"int8": "-m8", "int4": "-m4"}.get(self.meta_dtype, "")) + ("-clip" if self.clip_search else "") + (
-            "-vrot" if self.value_rotation else "")
+            "-vrot" if self.value_rotation else "") + ("-kalloc" if self.key_allocation == "importance" else "")
         # "k4v2" where keys and values differ, "int2" where they agree (whatever spelled it)
         name = f"int{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
         return f"{name}-g{self.group_size}-r{self.residual}{extra}"

@@ -33,6 +33,8 @@ class Family:
     up: str = "up_proj"
     down: str = "down_proj"
     k_norm: str | None = None  # applied to keys before RoPE (Qwen3, Gemma 3)
+    q_norm: str | None = None  # applied to queries before RoPE (Qwen3, Gemma 3)
+    input_norm: str = "input_layernorm"  # the norm in front of the attention block
     k_norm_heads_first: bool = False  # k_norm sees (B, H_kv, T, D) (Gemma 3) rather than (B, T, H_kv, D) (Qwen3)
     moe: bool = False
     shared_expert: str | None = None  # an always-on dense expert beside the routed ones (Qwen2-MoE)
@@ -43,11 +45,12 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama"),
     "mistral": Family("mistral"),
     "qwen2": Family("qwen2"),
-    "qwen3": Family("qwen3", k_norm="k_norm"),
-    "gemma3_text": Family("gemma3_text", k_norm="k_norm", k_norm_heads_first=True, rotary_takes_layer_type=True),
+    "qwen3": Family("qwen3", k_norm="k_norm", q_norm="q_norm"),
+    "gemma3_text": Family("gemma3_text", k_norm="k_norm", q_norm="q_norm", k_norm_heads_first=True,
+                          rotary_takes_layer_type=True),
     "mixtral": Family("mixtral", moe=True),
     "qwen2_moe": Family("qwen2_moe", moe=True, shared_expert="shared_expert"),
-    "qwen3_moe": Family("qwen3_moe", k_norm="k_norm", moe=True),
+    "qwen3_moe": Family("qwen3_moe", k_norm="k_norm", q_norm="q_norm", moe=True),
 }
 
 
@@ -207,6 +210,33 @@ class Adapter:
             b, t, _ = output.shape
             return output.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return output if self.family.k_norm_heads_first else output.transpose(1, 2)
+
+    @torch.no_grad()
+    def query_channel_weights(self, i: int) -> torch.Tensor:
+        """Expected squared pre-RoPE query per channel, (H_kv, D) fp32, from the weights alone.
+
+        A key error ``e`` changes a score by ``q·e``, so ``E[q_c²]`` is what an error in key channel ``c``
+        costs (KVQuant, arXiv 2401.18079, §3.3 weights its key quantizer by the same sensitivity). Without
+        data: the normed input is taken as unit-variance and isotropic, so ``E[q_c²] = Σ_j (W_q[c,j]·γ_j)²``;
+        where queries are RMS-normed per head (q_norm), the norm's gain sets each channel's scale. Each
+        norm's effective gain is read by applying it to ones, which covers ``w`` and ``1 + w`` conventions.
+        Averaged over the query heads that share a KV head.
+        """
+        f, attn = self.family, self.attention(i)
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if f.q_norm:
+            norm = getattr(attn, f.q_norm)
+            ref = next(norm.parameters(), None)
+            ones = torch.ones(1, d, dtype=ref.dtype if ref is not None else torch.float32,
+                              device=ref.device if ref is not None else "cpu")
+            w = norm(ones).float().reshape(d).pow(2).expand(h, d)
+        else:
+            q = getattr(attn, f.q)
+            weight = q.dequantize_weight() if hasattr(q, "dequantize_weight") else q.weight
+            norm = getattr(self.layers[i], f.input_norm)
+            gain = norm(torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device)).float().reshape(-1)
+            w = (weight.float() * gain).pow(2).sum(-1).view(h, d)
+        return w.reshape(hkv, h // hkv, d).mean(1).cpu()
 
     def _unfused_experts(self, i: int) -> UnfusedExperts:
         mlp = self.mlp(i)
