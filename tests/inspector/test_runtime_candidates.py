@@ -290,7 +290,9 @@ def test_kv_store_on_other_families(family, ids):
                                      {"meta_dtype": "int8", "value_rotation": True, "sinks": 4},
                                      {"key_bits": 4}, {"value_bits": 4, "sinks": 4},
                                      {"clip_search": True}, {"meta_dtype": "int8", "clip_search": True, "sinks": 4},
-                                     {"meta_dtype": "int4"}, {"meta_dtype": "int4", "sinks": 4, "pre_rope": False}])
+                                     {"meta_dtype": "int4"}, {"meta_dtype": "int4", "sinks": 4, "pre_rope": False},
+                                     {"key_allocation": "importance"},
+                                     {"key_allocation": "importance", "meta_dtype": "int4", "sinks": 4}])
 def test_simulated_store_equals_what_the_cache_holds(options):
     """The inspector's simulated store reproduces the cache's quantized rows for every storage format."""
     from compactlm.inspector.runtime import simulate_store
@@ -299,10 +301,13 @@ def test_simulated_store_equals_what_the_cache_holds(options):
     cfg = KVQuant(bits=2, group_size=16, residual=16, **options)
     g = torch.Generator().manual_seed(0)
     key, value = torch.randn(1, 2, 84, 16, generator=g), torch.randn(1, 2, 84, 16, generator=g)
-    layer = QuantizedKVLayer(cfg)
+    weights = (2 * torch.randn(2, 16, generator=g)).exp() if cfg.key_allocation == "importance" else None
+    layer = QuantizedKVLayer(cfg, query_weights=weights)
     layer.update(key, value)
+    if weights is not None:
+        assert set(layer.qk.bits().unique().tolist()) == {0, 2, 4}  # the widths really differ
     k_cache, v_cache = layer.materialize()
-    k_sim, v_sim = simulate_store(key, value, cfg)
+    k_sim, v_sim = simulate_store(key, value, cfg, query_weights=weights)
     stored = cfg.sinks + layer.qk.length  # sinks and the quantized store; the recent window is exact in both
     assert layer.qk.length >= 48
     torch.testing.assert_close(k_sim[..., :stored, :], k_cache[..., :stored, :], rtol=1e-5, atol=1e-5)
