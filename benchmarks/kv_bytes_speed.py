@@ -87,6 +87,11 @@ BYTES_CONFIGS = {
     # the recommended int2 setting (1-byte fitted metadata) with its range search on top
     "int2-g32-r128-s16-prerope-m4-clip": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
                                                  meta_dtype="int4", clip_search=True),
+    # per-channel key bits (0/2/4 averaging 2): bytes depend on the channel partition, so measure with --real-text
+    "int2-g32-r128-s16-prerope-m4-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True,
+                                                   meta_dtype="int4", key_allocation="importance"),
+    "int2-g32-r128-s16-m4-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, meta_dtype="int4",
+                                           key_allocation="importance"),
 }
 
 
@@ -106,9 +111,11 @@ def bytes_only(args, model, full: DynamicCache, full_bytes: int, bf16_bytes: int
         print(f"{name:36s} {nbytes / args.context:9.1f} B/token  {nbytes / bf16_bytes:.4f}x bf16", flush=True)
     out = {"benchmark": "kv bytes per token (bytes only)", "model": args.model, "dtype": args.dtype,
            "context": args.context, "rows": rows,
-           "note": "cache filled with exactly --context random keys/values of the model's shape (bytes do not "
-                   "depend on the values), converted to each config, bytes summed over every tensor held: "
-                   "codes, scales, zeros, full-precision window and sinks, key positions (pre_rope)",
+           "note": ("cache filled by a real prefill of the first --context wiki tokens" if args.real_text else
+                    "cache filled with exactly --context random keys/values of the model's shape (bytes do not "
+                    "depend on the values, except the per-channel key bits of key_allocation='importance')")
+                   + ", converted to each config, bytes summed over every tensor held: codes, scales, zeros, "
+                   "full-precision window and sinks, key positions (pre_rope), channel partitions",
            "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype)}
     if args.json:
         write_json_atomic(args.json, out)
@@ -137,6 +144,19 @@ def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
     return cache
 
 
+def fill_real(model, tokenizer, context: int) -> DynamicCache:
+    """The cache of a real prefill: the first ``context`` tokens of the PPL-wiki text (PROTOCOL PPL-wiki-512)."""
+    from compactlm.data.calib import tokenize_source
+
+    ids = tokenize_source(tokenizer, "wiki")[:context][None]
+    if ids.shape[-1] < context:
+        raise SystemExit(f"--real-text: the wiki text has {ids.shape[-1]} tokens, fewer than --context {context}")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    return cache
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -147,14 +167,17 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--bytes-only", action="store_true", help="bytes per token of BYTES_CONFIGS, no timing")
     ap.add_argument("--only", default=None, help="--bytes-only: comma-separated BYTES_CONFIGS names to measure")
+    ap.add_argument("--real-text", action="store_true",
+                    help="fill the cache by a real prefill of the wiki text instead of random keys/values (the "
+                         "per-channel key bits of key_allocation='importance' depend on the keys, and so do its bytes)")
     ap.add_argument("--configs", default=None,
                     help="timed run: comma-separated names from CONFIGS or BYTES_CONFIGS (default: all of CONFIGS)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype)
     dtype = next(model.parameters()).dtype
     load_before = os.getloadavg()
-    full = fill(model, args.context, dtype)
+    full = fill_real(model, tokenizer, args.context) if args.real_text else fill(model, args.context, dtype)
     full_bytes = full_cache_bytes(full)
     bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()
     layers = get_adapter(model).num_layers
@@ -205,8 +228,10 @@ def main() -> None:
               f"{row['cpu_ms_median']:.0f} ms/step, {row['cpu_speed_vs_best_full']:.2f}x)", flush=True)
     out = {"benchmark": "kv bytes per token and decode speed", "model": args.model, "dtype": args.dtype,
            "context": args.context, "steps": args.steps, "threads": args.threads, "rows": rows,
-           "note": "caches filled with random keys/values of the model's shape; bytes measured from the tensors "
-                   "held; decode steps timed round-robin across configurations; wall and process CPU time per step",
+           "note": ("caches filled by a real prefill of the wiki text" if args.real_text else
+                    "caches filled with random keys/values of the model's shape")
+                   + "; bytes measured from the tensors held; decode steps timed round-robin across configurations; "
+                   "wall and process CPU time per step",
            "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype),
            "loadavg_before_after": [load_before, os.getloadavg()]}
     if args.json:

@@ -103,10 +103,12 @@ def test_fused_attention_over_mixed_keys_matches_reference(pre_rope, masked):
     cache = QuantizedKVCache(model, cfg)
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(3)
+    layer.query_weights = (2 * torch.randn(2, 16, generator=g)).exp()  # spread widths: 0, 2 and 4 bits all used
     layer.update(torch.randn(2, 2, 70, 16, generator=g) * torch.linspace(0.1, 3, 16),
                  torch.randn(2, 2, 70, 16, generator=g))
     assert isinstance(layer.qk, MixedKeyStore) and layer.qk.length == 56
     assert layer.qk.bits().sum() == 2 * layer.qk.bits().numel()
+    assert set(layer.qk.bits().unique().tolist()) == {0, 2, 4}  # every width class is exercised
     query = torch.randn(2, 4, 1, 16, generator=g)
     mask = None
     if masked:
