@@ -172,3 +172,19 @@ def test_query_channel_weights_follow_the_query_projection(family):
     torch.testing.assert_close(got, expect.float(), rtol=1e-5, atol=1e-6)
     if family == "llama":
         assert got[0].mean() > 10 * got[-1].mean()
+
+
+def test_int2_mixed_preset_builds_the_recommended_cache_and_takes_overrides():
+    from compactlm.evaluation.methods import build_method
+
+    model = tiny_model("llama")
+    m = build_method(model, "kv", "int2-mixed", {})
+    assert m.name == "kv-int2-g32-r128-s16-m4-kalloc"
+    assert build_method(model, "kv", "int2-mixed", {"group_size": "16"}).name == "kv-int2-g16-r128-s16-m4-kalloc"
+    with pytest.raises(ConfigError, match="int2-mixed fixes bits"):
+        build_method(model, "kv", "int2-mixed", {"bits": "4"})
+    cache = m.make_cache(model, None)
+    ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(ids, cache=cache)
+    assert isinstance(cache.layers[0].qk, MixedKeyStore)
