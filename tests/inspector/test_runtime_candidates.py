@@ -179,6 +179,12 @@ def test_cli_kv_and_attn(tmp_path, capsys):
     assert data["operators"][0]["kind"] == "attention" and data["operators"][0]["impact"]["kl"] > 0
     assert data["candidate_runtime"][0]["config"]["residual"] == 8 and data["kv"] == "int2"
     assert data["command"].endswith("--kv int2 --kv-opt group_size=8 --kv-opt residual=8")
+    mixed = tmp_path / "mixed.json"  # the int2-mixed preset: its fields, overridable by --kv-opt
+    assert main(["inspect", "tiny-llama", "tiny-llama", "--data", "random", "--samples", "1", "--seqlen", "80",
+                 "--kv", "int2-mixed", "--kv-opt", "group_size=8", "--kv-opt", "residual=8", "-q",
+                 "--json", str(mixed)]) == 0
+    cfg = json.loads(mixed.read_text())["candidate_runtime"][0]["config"]
+    assert (cfg["key_allocation"], cfg["sinks"], cfg["meta_dtype"], cfg["group_size"]) == ("importance", 16, "int4", 8)
     assert main(["inspect", "tiny-llama", "tiny-llama", "--data", "random", "--samples", "1", "--seqlen", "16",
                  "--attn", "streaming", "-q"]) == 2
     assert "decode-only" in capsys.readouterr().err

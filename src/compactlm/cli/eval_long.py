@@ -14,8 +14,9 @@ from .common import add_common, emit_json, print_table
 
 def _add_methods(p) -> None:
     p.add_argument("--kv", default=None, metavar="NAME[@FIELD=VALUE...][,NAME...]",
-                   help="KV-cache method(s): int2, int4, int8 (KIVI-style quantized cache), or full; options per "
-                        "name, e.g. int2@sinks=16@group_size=64")
+                   help="KV-cache method(s): int2, int4, int8 (KIVI-style quantized cache), int2-mixed (the "
+                        "recommended 2-bit cache: per-channel key bits), or full; options per name, e.g. "
+                        "int2@sinks=16@group_size=64")
     p.add_argument("--attn", default=None, metavar="NAME[@FIELD=VALUE...][,NAME...]",
                    help="runtime attention method(s) registered as attn:<name> (e.g. a sparse decode method); "
                         "options per name, e.g. sals@keep=1/16")

@@ -13,7 +13,8 @@ def register(groups) -> None:
                               description="Greedy generation with the chat template where the model has one. Only the "
                                           "generated text goes to stdout; everything else to stderr.")
     add_common(p, json_out=False)
-    p.add_argument("--kv", default=None, help="KV-cache method: int2, int4, int8 or full (default); options as "
+    p.add_argument("--kv", default=None, help="KV-cache method: int2, int4, int8, int2-mixed (recommended "
+                                              "2-bit: per-channel key bits) or full (default); options as "
                                               "int2@sinks=16@group_size=64")
     p.add_argument("--attn", default=None, help="runtime attention method registered as attn:<name>; options as "
                                                 "sals@keep=1/16")

@@ -35,8 +35,8 @@ def register(groups) -> None:
     p.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=True,
                    help="also run candidate operators on the reference's inputs (default on)")
     p.add_argument("--kv", metavar="intN", help="run CANDIDATE with a KIVI-style quantized KV cache (int2, int4, "
-                                                "int8), simulated in the forward: each token attends to the cache "
-                                                "as it would be stored when that token is decoded")
+                                                "int8, int2-mixed), simulated in the forward: each token attends to "
+                                                "the cache as it would be stored when that token is decoded")
     p.add_argument("--kv-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="KVQuant field for --kv (repeatable): group_size, residual, sinks, pre_rope, "
                         "value_group_size, meta_dtype")
@@ -130,13 +130,14 @@ def _runtime(args, cand) -> list:
     items = []
     if args.kv:
         from ..kv.config import KVQuant
+        from ..kv.runtime import PRESETS
 
-        if args.kv not in ("int2", "int4", "int8"):
-            raise ConfigError(f"--kv takes int2, int4 or int8, got {args.kv!r}")
+        if args.kv not in ("int2", "int4", "int8", *PRESETS):
+            raise ConfigError(f"--kv takes int2, int4, int8 or {', '.join(PRESETS)}, got {args.kv!r}")
         from ..config import config_from_options as typed_config
 
-        items.append(typed_config(KVQuant, {**_options(args.kv_opt, "--kv-opt"), "bits": int(args.kv[3:])},
-                                  what="--kv-opt"))
+        items.append(typed_config(KVQuant, {**PRESETS.get(args.kv, {}), **_options(args.kv_opt, "--kv-opt"),
+                                            "bits": int(args.kv[3])}, what="--kv-opt"))
     elif args.kv_opt:
         raise ConfigError("--kv-opt needs --kv int2|int4|int8")
     if args.attn:
