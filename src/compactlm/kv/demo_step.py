@@ -1,7 +1,8 @@
 """The ``kv`` step of ``make demo``: int4 and int2 KV caches beside the full-precision one.
 
-Reports KV bytes per token at 8K (a cache of the default model's shape filled with 8,192 tokens;
-bytes do not depend on the values) and a small RULER-syn run named ``RULER-syn-demo``: the 8 tasks,
+Reports KV bytes per token at 8K (the cache of a real prefill of 8,192 wiki tokens: the per-channel key
+bits of ``int2-mixed`` follow the keys, and so do its bytes) and a small RULER-syn run named ``RULER-syn-demo``:
+the 8 tasks,
 1 sample each, 2K tokens (RULER-syn-q, 5 samples at 2K and 4K, takes too long for the demo budget;
 ``compactlm eval ruler`` runs it). Everything in one process, full precision beside.
 """
@@ -17,36 +18,35 @@ from ..evaluation.methods import build_method
 from ..evaluation.ruler import TASKS, run_ruler
 from .cache import QuantizedKVCache, full_cache_bytes
 from .config import KVQuant
+from .runtime import PRESETS
 
 
-def bytes_per_token(model, config: KVQuant | None, context: int = 8192) -> float:
-    """KV bytes per token of a ``context``-token cache (``None``: the full-precision cache)."""
+def prefill_cache(model, tokenizer, context: int = 8192):
+    """The full-precision cache of a real prefill: the first ``context`` tokens of the PPL-wiki text."""
     from transformers import DynamicCache
 
-    from ..models import get_adapter
+    from ..data.calib import tokenize_source
 
-    a = get_adapter(model)
-    dtype = next(model.parameters()).dtype
-    full = DynamicCache(config=model.config)
-    g = torch.Generator().manual_seed(0)
-    for i in range(a.num_layers):
-        k = torch.randn(1, a.num_kv_heads, context, a.head_dim, generator=g).to(dtype)
-        full.update(k, k.clone(), i)
-    if config is None:
-        return full_cache_bytes(full) / context
-    return QuantizedKVCache.from_cache(model, config, full).kv_bytes() / context
+    ids = tokenize_source(tokenizer, "wiki")[:context][None]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    return cache, ids.shape[-1]
 
 
 def step_kv(ctx) -> list[dict[str, Any]]:
     model, tok = ctx.load("bf16")
     start = time.perf_counter()
-    methods = [build_method(model, "kv", f"int{b}", {}) for b in (4, 2)]
-    res = run_ruler(model, tok, methods, lengths=[2048], samples=1, tasks=TASKS)
-    full_bpt = bytes_per_token(model, None)
+    configs = {"int4": KVQuant(bits=4), "int2": KVQuant(bits=2), "int2-mixed": KVQuant(bits=2, **PRESETS["int2-mixed"])}
+    methods = {name: build_method(model, "kv", name, {}) for name in configs}
+    res = run_ruler(model, tok, list(methods.values()), lengths=[2048], samples=1, tasks=TASKS)
+    full, tokens = prefill_cache(model, tok)
+    full_bpt = full_cache_bytes(full) / tokens
+    by_method = {m.name: configs[name] for name, m in methods.items()}
     rows = []
     for name, r in res.methods.items():
-        cfg = None if name == "full" else KVQuant(bits=4 if "int4" in name else 2)
-        bpt = full_bpt if cfg is None else bytes_per_token(model, cfg)
+        cfg = by_method.get(name)
+        bpt = full_bpt if cfg is None else QuantizedKVCache.from_cache(model, cfg, full).kv_bytes() / tokens
         rows.append({"step": "kv", "method": "full-precision cache (bf16)" if cfg is None else name,
                      "ruler_syn_demo": r["score"], "kv_bytes_per_token_8k": bpt, "kv_vs_bf16": bpt / full_bpt,
                      "seconds": time.perf_counter() - start})
