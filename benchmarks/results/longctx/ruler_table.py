@@ -1,10 +1,19 @@
-"""Markdown tables of a union RULER-syn JSON (``run_longctx.py ruler``): per method and length, the score, Δ vs
+"""Markdown tables of union RULER-syn JSONs (``run_longctx.py ruler``): per method and length, the score, Δ vs
 full, per-task scores, and how many prompts differ from full attention (in generated text, and in score).
 
-Why count prompts: at 5 samples per task one prompt moves a task by 20 points (less for multi-answer tasks) and
-the 8-task mean by 2.5, so a Δ of a point or two is one or two prompts; the counts say how many.
+Why count prompts: at n samples per task one prompt moves a single-answer task by 100/n points (less for
+multi-answer tasks) and the 8-task mean by 100/(8n), so a Δ of a point or two is one or two prompts; the counts
+say how many.
+
+Several JSONs in one call are printed one after another; with ``--merge`` they are read as parts of one run and
+tabled together: a length whose tasks were run in separate processes (e.g. the 4K union cut before ``passkey``,
+and that chunk run later on its own). Merging needs the same methods and samples in every part and no
+(method, task, length, sample) twice; each part's command and commit are listed, because the parts may come from
+different commits (a prompt is seeded by task, length and index, so the parts' prompts are the protocol's).
 
     python benchmarks/results/longctx/ruler_table.py benchmarks/results/longctx/ruler_syn_q_2k_union_epyc.json
+    python benchmarks/results/longctx/ruler_table.py --merge benchmarks/results/longctx/ruler_syn_q_4k_union_epyc.json \
+        benchmarks/results/longctx/ruler_syn_q_4k_passkey_union_epyc.json
 """
 
 from __future__ import annotations
@@ -17,17 +26,42 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def tables(path: str) -> str:
-    d = json.load(open(path))
+def merge(paths: list[str]) -> dict:
+    """One union result from parts run separately (same methods and samples, disjoint chunks)."""
+    parts = [json.load(open(p)) for p in paths]
+    methods = [list(d["methods"]) for d in parts]
+    if any(m != methods[0] for m in methods):
+        raise SystemExit(f"--merge: the parts ran different methods: {methods}")
+    samples = {d["samples"] for d in parts}
+    if len(samples) != 1:
+        raise SystemExit(f"--merge: the parts ran different sample counts: {sorted(samples)}")
+    keys = [(r["method"], r["task"], r["length"], r["index"]) for d in parts for r in d["records"]]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("--merge: the parts overlap (a method, task, length and sample appears twice)")
+    tasks = list(dict.fromkeys(t for d in parts for t in d["tasks"]))
+    return {"protocol": " + ".join(d["protocol"] for d in parts), "complete": all(d["complete"] for d in parts),
+            "seconds": sum(d["seconds"] for d in parts), "samples": samples.pop(), "tasks": tasks,
+            "chunks_done": [c for d in parts for c in d["chunks_done"]], "methods": {m: None for m in methods[0]},
+            "records": [r for d in parts for r in d["records"]],
+            "parts": [{"path": p, "command": d["command"], "commit": d["machine"].get("git_commit"),
+                       "seconds": d["seconds"], "complete": d["complete"]} for p, d in zip(paths, parts, strict=True)]}
+
+
+def tables(d: dict, name: str) -> str:
     recs = d["records"]
     full = {(r["task"], r["length"], r["index"]): r for r in recs if r["method"] == "full"}
     methods = list(d["methods"])
     tasks = d["tasks"]
-    out = [f"`{path}` — {d['protocol']}; complete: {d['complete']}; {d['seconds'] / 60:.1f} min wall "
+    out = [f"`{name}` — {d['protocol']}; complete: {d['complete']}; {d['seconds'] / 60:.1f} min wall "
            f"for the whole run; chunks done {len(d['chunks_done'])}"]
+    out += [f"- part `{p['path']}`: commit {p['commit']}, {p['seconds'] / 60:.1f} min, complete {p['complete']}"
+            for p in d.get("parts", [])]
     for n in sorted({r["length"] for r in recs}):
-        done = [t for m, t in d["chunks_done"] if m == n]
-        out += ["", f"Length {n} ({len(done)} of {len(tasks)} tasks, {d['samples']} samples each):", "",
+        done = [t for t in tasks if [n, t] in d["chunks_done"]]  # chunks_done holds [length, task] pairs
+        n_samples = d["samples"]
+        out += ["", f"Length {n} ({len(done)} of {len(tasks)} tasks, {n_samples} samples each; one single-answer "
+                f"prompt moves a task by {100 / n_samples:.1f} points and the mean by "
+                f"{100 / n_samples / max(1, len(done)):.2f}):", "",
                 "| method | score | Δ vs full | " + " | ".join(done)
                 + " | prompts ≠ full text | prompts ≠ full score |",
                 "|---" * (len(done) + 5) + "|"]
@@ -50,6 +84,10 @@ def tables(path: str) -> str:
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(tables(p))
-        print()
+    args = sys.argv[1:]
+    if args and args[0] == "--merge":
+        print(tables(merge(args[1:]), " + ".join(args[1:])))
+    else:
+        for p in args:
+            print(tables(json.load(open(p)), p))
+            print()
