@@ -142,11 +142,11 @@ def main() -> None:
                     if name != "fp":
                         for i in range(L):
                             layer = c2.layers[i]
-                            post = layer.keys[0, :, SINKS:end].float()
-                            pre = a.apply_rotary(post, post, cos[0], -sin[0])[1]  # un-rotate
+                            post = layer.keys[:, :, SINKS:end].float()  # (1, H, n, D)
+                            pre = a.apply_rotary(post, post, cos, -sin)[1][0]  # un-rotate
                             rec = torch.stack([keys_for(name, pre[h], i, h) for h in range(H)])
                             k = layer.keys.clone()
-                            k[0, :, SINKS:end] = a.apply_rotary(rec, rec, cos[0], sin[0])[1].to(k.dtype)
+                            k[:, :, SINKS:end] = a.apply_rotary(rec[None], rec[None], cos, sin)[1].to(k.dtype)
                             layer.keys = k
                     c2.crop(-1)  # re-feed the last prompt token so the first answer token sees the quantized keys
                     logits = model(torch.tensor([[smp.input_ids[-1]] + ans[:-1]]), cache=c2).logits[0].float()
