@@ -132,10 +132,6 @@ class MixedKeyStore:
         held = [*self.channels.values(), *([self.means] if self.means is not None else [])]
         return sum(s.nbytes for s in self.stores.values()) + sum(t.numel() * t.element_size() for t in held)
 
-    @property
-    def meta4(self) -> bool:
-        return False  # the cache passes ``like`` itself; the 2-bit class keeps its own 1-byte base
-
     def bits(self) -> torch.Tensor:
         """The per-channel widths (H, D)."""
         out = torch.zeros(self.heads * self.head_dim, dtype=torch.long)
