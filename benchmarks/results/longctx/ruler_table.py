@@ -39,9 +39,14 @@ def merge(paths: list[str]) -> dict:
     if len(set(keys)) != len(keys):
         raise SystemExit("--merge: the parts overlap (a method, task, length and sample appears twice)")
     tasks = list(dict.fromkeys(t for d in parts for t in d["tasks"]))
-    return {"protocol": " + ".join(d["protocol"] for d in parts), "complete": all(d["complete"] for d in parts),
+    chunks = [c for d in parts for c in d["chunks_done"]]
+    lengths = sorted({n for d in parts for n in d["lengths"]})
+    # Complete when every (length, task) of the parts' task lists is done by some part (a part cut before its
+    # last chunk is completed by the part that ran that chunk).
+    complete = all([n, t] in chunks for n in lengths for t in tasks)
+    return {"protocol": " + ".join(d["protocol"] for d in parts), "complete": complete,
             "seconds": sum(d["seconds"] for d in parts), "samples": samples.pop(), "tasks": tasks,
-            "chunks_done": [c for d in parts for c in d["chunks_done"]], "methods": {m: None for m in methods[0]},
+            "chunks_done": chunks, "methods": {m: None for m in methods[0]},
             "records": [r for d in parts for r in d["records"]],
             "parts": [{"path": p, "command": d["command"], "commit": d["machine"].get("git_commit"),
                        "seconds": d["seconds"], "complete": d["complete"]} for p, d in zip(paths, parts, strict=True)]}
