@@ -22,6 +22,8 @@ from compactlm.kv import (
 )
 from compactlm.models import tiny_model
 
+from .helpers import fused_matches_reference
+
 
 def _ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (b, t), generator=torch.Generator().manual_seed(seed))
@@ -84,16 +86,7 @@ def test_fused_decode_attention_matches_reference(pre_rope, masked, meta_dtype):
     g = torch.Generator().manual_seed(1)
     layer.update(torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g))
     assert layer.quantized_length == 56
-    query = torch.randn(2, 4, 1, 16, generator=g)
-    mask = None
-    if masked:
-        mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
-        mask[0, ..., :5] = False  # left padding of row 0
-    k, v = layer.materialize()
-    ref = reference_attention(query, k, v, 0.25, mask)
-    got = quantized_decode_attention(query, layer, 0.25, mask)
-    assert got.shape == (2, 1, 4, 16)
-    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+    fused_matches_reference(layer, g, masked)
 
 
 def test_pre_rope_keys_round_trip_through_rotation():
@@ -281,13 +274,20 @@ def test_fused_decode_attention_in_bf16_tracks_the_fp32_reference():
 
 
 def test_demo_bytes_per_token_counts_the_quantized_cache():
+    from transformers import DynamicCache
+
     from compactlm.demo import STEPS
     from compactlm.kv.demo_step import bytes_per_token
 
     model = tiny_model("llama")
-    full = bytes_per_token(model, None, 1024)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(_ids(1, 1024), cache=cache)
+    full = bytes_per_token(model, None, cache, 1024)
     assert full == 2 * 2 * 2 * 16 * 4  # layers × (K, V) × kv heads × head dim × fp32 bytes
-    assert bytes_per_token(model, KVQuant(bits=2, group_size=16), 1024) / full < 0.25
+    assert bytes_per_token(model, KVQuant(bits=2, group_size=16), cache, 1024) / full < 0.25
+    mixed = KVQuant(bits=2, group_size=16, key_allocation="importance")
+    assert bytes_per_token(model, mixed, cache, 1024) / full < 0.25
     assert "kv" in STEPS
 
 
@@ -304,15 +304,7 @@ def test_value_rotation_fused_attention_matches_reference_and_helps_outlier_chan
                       value_group_size=16)  # one value group per head (QuaRot's setting)
         layer = QuantizedKVCache(model, cfg).layers[0]
         layer.update(k, v)
-        query = torch.randn(2, 4, 1, 16, generator=g)
-        mask = None
-        if masked:
-            mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
-            mask[0, ..., :5] = False
-        kk, vv = layer.materialize()
-        ref = reference_attention(query, kk, vv, 0.25, mask)
-        got = quantized_decode_attention(query, layer, 0.25, mask)
-        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+        kk, vv = fused_matches_reference(layer, g, masked)
         errs[rot] = (vv - v)[..., 2:58, :].pow(2).mean().item()  # the quantized store's tokens
     assert errs[True] < 0.7 * errs[False], errs
 

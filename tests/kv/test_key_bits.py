@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from compactlm.errors import ConfigError
-from compactlm.kv import KVQuant, QuantizedKVCache, QuantizedKVLayer, quantized_decode_attention, reference_attention
+from compactlm.kv import KVQuant, QuantizedKVCache, QuantizedKVLayer
 from compactlm.kv.key_bits import MENU, MixedKeyStore, allocate, group_ranges, pair_mean
 from compactlm.kv.quantizer import QuantizedKV
 from compactlm.models import tiny_model
 from compactlm.models.adapter import get_adapter
+
+from .helpers import fused_matches_reference
 
 
 def test_allocation_meets_the_average_exactly_and_follows_importance():
@@ -109,15 +111,7 @@ def test_fused_attention_over_mixed_keys_matches_reference(pre_rope, masked):
     assert isinstance(layer.qk, MixedKeyStore) and layer.qk.length == 56
     assert layer.qk.bits().sum() == 2 * layer.qk.bits().numel()
     assert set(layer.qk.bits().unique().tolist()) == {0, 2, 4}  # every width class is exercised
-    query = torch.randn(2, 4, 1, 16, generator=g)
-    mask = None
-    if masked:
-        mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
-        mask[0, ..., :5] = False
-    k, v = layer.materialize()
-    ref = reference_attention(query, k, v, 0.25, mask)
-    got = quantized_decode_attention(query, layer, 0.25, mask)
-    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+    fused_matches_reference(layer, g, masked)
 
 
 def test_cache_generates_with_a_padded_batch_and_counts_the_mixed_store():

@@ -21,6 +21,13 @@ from .config import KVQuant
 from .runtime import PRESETS
 
 
+def bytes_per_token(model, config: KVQuant | None, cache, tokens: int) -> float:
+    """KV bytes per token of the filled full-precision ``cache`` (``None``) or of it converted to ``config``."""
+    if config is None:
+        return full_cache_bytes(cache) / tokens
+    return QuantizedKVCache.from_cache(model, config, cache).kv_bytes() / tokens
+
+
 def prefill_cache(model, tokenizer, context: int = 8192):
     """The full-precision cache of a real prefill: the first ``context`` tokens of the PPL-wiki text."""
     from transformers import DynamicCache
@@ -41,12 +48,12 @@ def step_kv(ctx) -> list[dict[str, Any]]:
     methods = {name: build_method(model, "kv", name, {}) for name in configs}
     res = run_ruler(model, tok, list(methods.values()), lengths=[2048], samples=1, tasks=TASKS)
     full, tokens = prefill_cache(model, tok)
-    full_bpt = full_cache_bytes(full) / tokens
+    full_bpt = bytes_per_token(model, None, full, tokens)
     by_method = {m.name: configs[name] for name, m in methods.items()}
     rows = []
     for name, r in res.methods.items():
         cfg = by_method.get(name)
-        bpt = full_bpt if cfg is None else QuantizedKVCache.from_cache(model, cfg, full).kv_bytes() / tokens
+        bpt = bytes_per_token(model, cfg, full, tokens)
         rows.append({"step": "kv", "method": "full-precision cache (bf16)" if cfg is None else name,
                      "ruler_syn_demo": r["score"], "kv_bytes_per_token_8k": bpt, "kv_vs_bf16": bpt / full_bpt,
                      "seconds": time.perf_counter() - start})
