@@ -15,6 +15,12 @@ os.environ.setdefault("COMPACTLM_QUIET", "1")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(autouse=True)
+def _same_rng_state_per_test():
+    """Every test starts from one RNG state: unseeded draws then do not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tiny_llama():
     from compactlm.models import tiny_model
