@@ -92,6 +92,9 @@ BYTES_CONFIGS = {
                                                    meta_dtype="int4", key_allocation="importance"),
     "int2-g32-r128-s16-m4-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, meta_dtype="int4",
                                            key_allocation="importance"),
+    "int2-g32-r128-s16-m8-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, meta_dtype="int8",
+                                           key_allocation="importance"),
+    "int2-g32-r128-s16-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, key_allocation="importance"),
 }
 
 
