@@ -37,6 +37,7 @@ from transformers import DynamicCache
 
 from compactlm.attention.runtime import attention_override
 from compactlm.kv import KVQuant, QuantizedKVCache, dense_grouped_attention, full_cache_bytes, kv_cache
+from compactlm.kv.demo_step import prefill_cache
 from compactlm.models import get_adapter, load
 from compactlm.utils import machine_info, write_json_atomic
 
@@ -147,19 +148,6 @@ def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
     return cache
 
 
-def fill_real(model, tokenizer, context: int) -> DynamicCache:
-    """The cache of a real prefill: the first ``context`` tokens of the PPL-wiki text (PROTOCOL PPL-wiki-512)."""
-    from compactlm.data.calib import tokenize_source
-
-    ids = tokenize_source(tokenizer, "wiki")[:context][None]
-    if ids.shape[-1] < context:
-        raise SystemExit(f"--real-text: the wiki text has {ids.shape[-1]} tokens, fewer than --context {context}")
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True)
-    return cache
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -180,7 +168,7 @@ def main() -> None:
     model, tokenizer = load(args.model, dtype=args.dtype)
     dtype = next(model.parameters()).dtype
     load_before = os.getloadavg()
-    full = fill_real(model, tokenizer, args.context) if args.real_text else fill(model, args.context, dtype)
+    full = prefill_cache(model, tokenizer, args.context)[0] if args.real_text else fill(model, args.context, dtype)
     full_bytes = full_cache_bytes(full)
     bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()
     layers = get_adapter(model).num_layers

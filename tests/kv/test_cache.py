@@ -291,6 +291,19 @@ def test_demo_bytes_per_token_counts_the_quantized_cache():
     assert "kv" in STEPS
 
 
+def test_demo_prefill_cache_refuses_a_text_shorter_than_the_context(monkeypatch):
+    import compactlm.data.calib as calib
+    from compactlm.errors import DataError
+    from compactlm.kv.demo_step import prefill_cache
+
+    monkeypatch.setattr(calib, "tokenize_source", lambda tokenizer, source: torch.arange(3, 103))
+    model = tiny_model("llama")
+    with pytest.raises(DataError, match="100 tokens, fewer than the 200"):
+        prefill_cache(model, None, 200)
+    cache, tokens = prefill_cache(model, None, 64)
+    assert tokens == 64 and cache.layers[0].keys.shape[-2] == 64
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_value_rotation_fused_attention_matches_reference_and_helps_outlier_channels(masked):
     """value_rotation: the store holds V·H; fused attention rotates its sum back == reference over materialize()."""

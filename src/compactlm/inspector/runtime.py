@@ -42,7 +42,7 @@ from ..config import BaseConfig, PerLayer
 from ..errors import ConfigError
 from ..kv.cache import _rope_for
 from ..kv.config import KVQuant
-from ..kv.key_bits import MixedKeyStore, allocate, group_ranges, pair_mean
+from ..kv.key_bits import MixedKeyStore, channel_bits
 from ..kv.quantizer import META_DTYPES, dequantize_groups, hadamard, quantize_groups
 from ..models.adapter import get_adapter
 
@@ -98,7 +98,7 @@ def simulate_store(key: torch.Tensor, value: torch.Tensor, cfg: KVQuant,
         if query_weights is None:
             raise ValueError("key_allocation='importance' needs the layer's query weights")
         g = cfg.group_size
-        bits = allocate(pair_mean(query_weights.to(k.device)) * group_ranges(k[..., :first, :], g), cfg.k_bits)
+        bits = channel_bits(query_weights, k[..., :first, :], g, cfg.k_bits)
         first_flush = MixedKeyStore.quantize(k[..., :first, :], bits, g, meta, clip_search=cfg.clip_search)
         kq = MixedKeyStore.quantize(k, None, g, meta, clip_search=cfg.clip_search, like=first_flush).dequantize(
             key.dtype)

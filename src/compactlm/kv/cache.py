@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import KVQuant
-from .key_bits import MixedKeyStore, allocate, group_ranges, pair_mean
+from .key_bits import MixedKeyStore, channel_bits
 from .quantizer import META_DTYPES, QuantizedKV, hadamard
 
 Rope = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (k (B,H,T,D), positions (B,T), inverse)
@@ -138,8 +138,7 @@ class QuantizedKVLayer(DynamicLayer):
         if self.cfg.key_allocation == "importance":
             bits = None
             if self.qk is None:  # the layer's channel widths are chosen once, from its first flushed keys
-                weights = pair_mean(self.query_weights.to(k.device))
-                bits = allocate(weights * group_ranges(k, g, flushed_valid), self.cfg.k_bits)
+                bits = channel_bits(self.query_weights, k, g, self.cfg.k_bits, flushed_valid)
             qk = MixedKeyStore.quantize(k, bits, g, self.meta_dtype, flushed_valid, clip, self.qk)
         else:
             qk = QuantizedKV.quantize(k, self.cfg.k_bits, g, -2, self.meta_dtype, flushed_valid, clip, self.qk)

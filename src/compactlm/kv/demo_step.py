@@ -29,12 +29,18 @@ def bytes_per_token(model, config: KVQuant | None, cache, tokens: int) -> float:
 
 
 def prefill_cache(model, tokenizer, context: int = 8192):
-    """The full-precision cache of a real prefill: the first ``context`` tokens of the PPL-wiki text."""
+    """The full-precision cache of a real prefill: the first ``context`` tokens of the PPL-wiki text.
+
+    Also ``benchmarks/kv_bytes_speed.py --real-text``. Raises DataError before any work when the text is shorter.
+    """
     from transformers import DynamicCache
 
     from ..data.calib import tokenize_source
+    from ..errors import DataError
 
     ids = tokenize_source(tokenizer, "wiki")[:context][None]
+    if ids.shape[-1] < context:
+        raise DataError(f"the wiki text has {ids.shape[-1]} tokens, fewer than the {context} asked for")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)

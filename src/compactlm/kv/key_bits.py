@@ -57,7 +57,7 @@ def allocate(importance: torch.Tensor, avg_bits: int) -> torch.Tensor:
     of channel c gains ``imp_c·15/16`` and the second ``imp_c·15/256``; the ``avg_bits/2 · n`` largest
     gains win (each channel's gains decrease, so taking them in order is the greedy optimum).
     """
-    if avg_bits not in (2,):
+    if avg_bits != 2:
         raise ValueError(f"per-channel key bits average 2 (menu {MENU}), got {avg_bits}")
     flat = importance.float().reshape(-1).clamp(min=0)
     n = flat.numel()
@@ -68,6 +68,16 @@ def allocate(importance: torch.Tensor, avg_bits: int) -> torch.Tensor:
     # a second step is only taken with the first (its gain is 16x smaller): count steps per channel
     bits = 2 * (chosen[:n].long() + chosen[n:].long())
     return bits.reshape(importance.shape)
+
+
+def channel_bits(query_weights: torch.Tensor, keys: torch.Tensor, group_size: int, avg_bits: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The widths (H, D) a layer's keys (B, H, T, D) get: :func:`allocate` over ``E[q_c²]·range_c²``.
+
+    ``query_weights`` (H, D) is the adapter's ``E[q_c²]`` estimate, taken as the mean over each rotary pair.
+    """
+    weights = pair_mean(query_weights.to(keys.device))
+    return allocate(weights * group_ranges(keys, group_size, valid), avg_bits)
 
 
 @dataclass
