@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     for setting in args.settings.split(","):
         model, _ = compactlm.models.load(args.model)
         gc.collect()
-        row = {"setting": setting}
+        # The 1-minute load average before and after each row: on the shared machine it says how far the
+        # wall times are inflated (CPU seconds are recorded beside them).
+        row = {"setting": setting, "loadavg_start": os.getloadavg()[0]}
         if setting != "base":
             cfg = make_config(setting, args.group_size)
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -98,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             if "allocation" in report:
                 row["bits_per_layer"] = report["allocation"]
                 row["estimated_cost"] = report["estimated_cost"]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         r = perplexity(model, input_ids=ids, show_progress=False)
-        row.update(ppl=r.ppl, tokens=r.tokens, eval_seconds=time.perf_counter() - start, peak_rss_mib=peak_rss_mib())
+        row.update(ppl=r.ppl, tokens=r.tokens, eval_seconds=time.perf_counter() - start,
+                   eval_cpu_seconds=time.process_time() - cpu_start, peak_rss_mib=peak_rss_mib(),
+                   loadavg_end=os.getloadavg()[0])
         print(f"{setting}: ppl {r.ppl:.3f} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()
                                                           if isinstance(v, float) and k != "ppl"), flush=True)
         result["rows"].append(row)
