@@ -46,6 +46,7 @@ keeps its other settings' rows (so W2 can be added by a later run with ``--bits 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -193,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autoround-iters", type=int, default=0,
                    help="AutoRound's SignRound iterations per block (0: its no-tuning mode; 200, its default, "
                         "takes hours on this CPU)")
+    p.add_argument("--llmc-from", default="", metavar="JSON",
+                   help="do not run llm-compressor: take its side of each width from this earlier result JSON of the "
+                        "same protocol (same ids: both draw them with the same deterministic calibration_set / "
+                        "eval_windows); runs our side only, e.g. a min-max row beside an already measured one")
     p.add_argument("--concurrent", action="store_true",
                    help="run llm-compressor's, our main row and (with --autoround-python) AutoRound at the same "
                         "time (one process each, --threads each): they then see the same machine load, which makes "
@@ -238,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
                 "calibration": f"CALIB-pg-512{'-q' if args.nsamples == 32 else ''} ({args.nsamples} x 512)",
                 "group_size": args.group_size, "symmetric": False,
                 "gptq": {"block_size": 128, "damp": 0.01, "act_order": "static"}}
+    llmc_rows = {}
+    if args.llmc_from:
+        earlier = json.loads(Path(args.llmc_from).read_text())
+        if earlier.get("protocol") != protocol:
+            raise ConfigError(f"--llmc-from {args.llmc_from}: its protocol {earlier.get('protocol')} is not this "
+                              f"run's {protocol}")
+        llmc_rows = {r["bits"]: {**r["llmc"], "reused_from": {"json": args.llmc_from, "command": earlier["command"],
+                                                               "git_commit": earlier["machine"]["git_commit"],
+                                                               "date": earlier["machine"]["date"]}}
+                     for r in earlier["rows"]}
+        if missing := [b for b in bits if b not in llmc_rows]:
+            raise ConfigError(f"--llmc-from {args.llmc_from} has no llm-compressor row at W{missing}")
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("protocol") != protocol:
@@ -257,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         calib = calibration_set(tok, "essays", nsamples=args.nsamples, seqlen=512)
         windows = eval_windows(tok, "wiki", 512, args.windows)
         torch.save({"calib": calib, "eval": windows}, data)
+        # A fingerprint of the ids, so that rows of different runs can be checked to share them.
+        result["ids_sha256"] = {k: hashlib.sha256(t.long().numpy().tobytes()).hexdigest()
+                                for k, t in (("calib", calib), ("eval", windows))}
         common = ["--data", str(data), "--model-dir", str(model_dir), "--threads", str(args.threads)]
         ours_cmd = [args.ours_python, str(Path(__file__).resolve()), "--ours-worker", *common]
         llmc_cmd = [args.llmc_python, str(HERE / "_llmc_worker.py"), *common]
@@ -290,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                               "--iters", str(args.autoround_iters), "--out", str(tmpdir / f"a{b}.json")],
                              tmpdir / f"a{b}.json", tmpdir / f"a{b}.log",
                              f"AutoRound iters={args.autoround_iters} W{b} g{args.group_size}"))
-            theirs, ours, *autoround = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
+            if args.llmc_from:  # llm-compressor's side was measured before, on the same ids
+                jobs.pop(0)
+            done = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
+            theirs, ours, *autoround = [llmc_rows[b], *done] if args.llmc_from else done
             row = {"bits": b, "group_size": args.group_size, "concurrent": args.concurrent,
                    "ours_overrides": main_overrides,
                    "llmc": theirs, "ours": ours,
