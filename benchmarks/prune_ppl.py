@@ -33,8 +33,9 @@ def build_config(args):
     spec = {"pattern": args.pattern} if args.pattern else {"sparsity": args.sparsity}
     if args.method == "barber":
         extra = {"criterion": args.criterion} if args.criterion else {}
+        extra["objective"] = args.objective
         if args.objective == "lm":
-            extra.update(objective="lm", heldout=args.heldout, rounds=args.rounds, margin=args.margin)
+            extra.update(heldout=args.heldout, rounds=args.rounds, margin=args.margin)
         if args.search_ratios:
             extra["search_ratios"] = tuple(float(r) for r in args.search_ratios.split(","))
         return METHODS["barber"](init=METHODS[args.init](**spec), rebuild_ratio=args.rebuild_ratio, group=args.group,
@@ -72,9 +73,10 @@ def main() -> int:
     p.add_argument("--rebuild-ratio", type=float, default=0.01)
     p.add_argument("--group", default="row")
     p.add_argument("--criterion", default=None, choices=["gradient", "taylor"])
-    p.add_argument("--search-ratios", default=None, help="Barber's search_ratios, comma-separated, e.g. 0.01,0.1")
-    p.add_argument("--objective", default="block", choices=["block", "lm"],
-                   help="Barber's objective: block-output MSE (§3.2) or the model's next-token loss")
+    p.add_argument("--search-ratios", default=None,
+                   help="Barber's search_ratios, comma-separated, e.g. 0.01,0.1 (default: the objective's, Barber's)")
+    p.add_argument("--objective", default="lm", choices=["lm", "block"],
+                   help="Barber's objective: the model's next-token loss (Barber's default) or block-output MSE (§3.2)")
     p.add_argument("--heldout", type=int, default=8,
                    help="objective lm: extra calibration sequences (after the --calib-samples ones, which the "
                         "initial method and the gradients use) that only choose the step")
@@ -133,6 +135,9 @@ def main() -> int:
             lm_rounds = [r["lm_rounds"] for r in report.layer_records if "lm_rounds" in r]
             if lm_rounds:
                 record["lm_rounds"] = lm_rounds[0]
+            memory = [r["memory_estimate"] for r in report.layer_records if "memory_estimate" in r]
+            if memory:  # the up-front estimate, to compare with the measured peak RSS
+                record["memory_estimate"] = memory[0]
             ratios = [v for r in report.layer_records for v in r.get("ratio", {}).values()]
             if ratios:  # search_ratios: which ratio each rebuilt block kept
                 record["chosen_ratios"] = {str(x): ratios.count(x) for x in sorted(set(ratios))}

@@ -45,7 +45,7 @@ def _same(a, b):
 # where it stopped; Barber then GPTQ: two methods in a row, as a recipe runs them.
 CASES = {
     "aptq": [APTQ(avg_bits=3.0, group_size=32, probes=2, batch_size=2)],
-    "barber+gptq": [Barber(init=Wanda(sparsity=0.5)), GPTQ(bits=4, group_size=32, batch_size=2)],
+    "barber+gptq": [Barber(init=Wanda(sparsity=0.5), objective="block"), GPTQ(bits=4, group_size=32, batch_size=2)],
 }
 
 

@@ -101,7 +101,7 @@ def test_gradient_is_taken_at_the_dense_weights_against_the_sparse_block_output(
             m.weight.mul_(masks[n])
     sparse = {n: m.weight.detach().clone() for n, m in mods.items()}
     flags = {n: m.weight.requires_grad for n, m in mods.items()}
-    run = Barber(init=Wanda(sparsity=0.5)).make_run()
+    run = Barber(objective="block", init=Wanda(sparsity=0.5)).make_run()
     run.init.dense, run.init.masks = dense, masks
     captured = capture_block(ctx, block)
     grad_sq, seen, before, dense_out = run._dense_gradients(block, mods, captured)
@@ -131,7 +131,8 @@ def test_gradient_is_taken_at_the_dense_weights_against_the_sparse_block_output(
                          ids=["wanda50", "wanda24", "sparsegpt50"])
 def test_barber_keeps_sparsity_and_block_error_never_above_the_initial_masks(init):
     model = tiny_model("llama")
-    report = compactlm.prune(model, Barber(init=init, rebuild_ratio=0.5), calib=_calib(), batch_size=4)
+    report = compactlm.prune(model, Barber(objective="block", init=init, rebuild_ratio=0.5), calib=_calib(),
+                             batch_size=4)
     swaps = sum(sum(r["swaps"].values()) for r in report.layer_records)
     assert swaps > 0 or isinstance(init, SparseGPT)  # after SparseGPT's reconstruction the guard may revert all
     for r in report.layer_records:

@@ -67,8 +67,8 @@ def test_no_step_keeps_the_initial_mask_exactly():
     compactlm.prune(ref, init, calib=calib[:-4], batch_size=4)
     model = tiny_model("llama")
     # rebuild_ratio so small that floor(ratio · #profitable) = 0: the step is ratio 0, the init's mask
-    report = compactlm.prune(model, Barber(init=init, objective="lm", heldout=4, rebuild_ratio=1e-9), calib=calib,
-                             batch_size=4)
+    report = compactlm.prune(model, Barber(init=init, objective="lm", heldout=4, rebuild_ratio=1e-9, search_ratios=()),
+                             calib=calib, batch_size=4)
     assert _lm_round(report)[0]["swaps"] == 0
     for n, w in _weights(model).items():
         assert torch.equal(w, _weights(ref)[n]), n
@@ -162,3 +162,74 @@ def test_noise_is_the_standard_error_of_the_mean_gradient_and_the_margin_is_pess
     plain = LMRebuild({name: lin}, dense, keep).score(grad, curv, "row", None, 1.0)
     careful = LMRebuild({name: lin}, dense, keep).score(grad, curv, "row", None, 1.0, noise, 2.0)
     assert 0 < careful < plain
+
+
+def test_lm_is_the_default_with_its_step_ladder_and_block_keeps_its_own():
+    from compactlm.prune.barber import LM_SEARCH_RATIOS
+
+    cfg = Barber(init=Wanda(sparsity=0.5))
+    assert cfg.objective == "lm" and cfg.search_ratios == LM_SEARCH_RATIOS == (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    assert (cfg.rounds, cfg.margin, cfg.heldout) == (1, 2.0, 8)
+    # the block objective a user sets is what it was: the single rebuild_ratio, no search
+    block = Barber(init=Wanda(sparsity=0.5), objective="block")
+    assert block.search_ratios == () and block.rebuild_ratio == 0.01
+    # an explicit () or ladder is kept with either objective; the resolved default round-trips as data
+    assert Barber(search_ratios=()).search_ratios == ()
+    assert Barber(objective="block", search_ratios=(0.1,)).search_ratios == (0.1,)
+    for c in (cfg, block):
+        assert Barber.from_json(c.to_json()) == c and Barber.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="objective='block'"):  # group='block' names the fix
+        Barber(group="block")
+    assert Barber(group="block", objective="block").group == "block"
+
+
+def test_memory_estimate_counts_the_pruned_weights_and_the_margin_accumulator():
+    from compactlm.prune.barber_lm import lm_memory_estimate
+
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    total = sum(m.weight.numel() for i in range(a.num_layers) for m in a.linears(i).values())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    est = lm_memory_estimate(model, Barber(init=Wanda(sparsity=0.5)), seqlen=32)
+    assert est["pruned_weights"] == total
+    # fp32: dense copy 4 + mask 1 + G, D, squared sum 12 + margin-shifted G 4 bytes per weight; logits 4 × 31 × V × 4
+    assert est["weights_bytes"] == 21 * total and est["activation_bytes"] == 16 * 31 * vocab
+    assert est["total_bytes"] == est["weights_bytes"] + est["activation_bytes"]
+    no_margin = lm_memory_estimate(model, Barber(init=Wanda(sparsity=0.5), margin=0.0), seqlen=32)
+    assert no_margin["weights_bytes"] == 17 * total
+    mlp_only = lm_memory_estimate(model, Barber(init=Wanda(sparsity=0.5, targets=("mlp",))), seqlen=32)
+    assert 0 < mlp_only["pruned_weights"] < total
+    filtered = lm_memory_estimate(model, Barber(init=Wanda(sparsity=0.5)), seqlen=32,
+                                  filter_fn=lambda name, _m: "layers.0." in name)
+    assert 0 < filtered["pruned_weights"] < total
+
+
+def test_lm_objective_refuses_to_start_when_the_estimate_exceeds_free_memory(monkeypatch):
+    from compactlm.prune import barber_lm
+
+    est = {"pruned_weights": 10**8, "weights_bytes": 21 * 10**8, "activation_bytes": 4 * 10**8,
+           "total_bytes": 25 * 10**8}
+    with pytest.raises(ConfigError, match=r"about 2\.3 GiB.*only 1\.0 GiB is free: pass objective='block'"):
+        barber_lm.check_lm_memory(est, torch.device("cpu"), free=2**30)
+    barber_lm.check_lm_memory(est, torch.device("cpu"), free=3 * 2**30)  # fits: nothing raised
+    # end to end: refused before anything is pruned (no silent fallback to the block objective)
+    monkeypatch.setattr(barber_lm, "free_memory_bytes", lambda device: 1024)
+    model, untouched = tiny_model("llama"), _weights(tiny_model("llama"))
+    with pytest.raises(ConfigError, match="objective='block'"):
+        compactlm.prune(model, Barber(init=Wanda(sparsity=0.5), heldout=4), calib=_calib(), batch_size=4)
+    for n, w in _weights(model).items():
+        assert torch.equal(w, untouched[n]), n
+    # the block objective does not hold these copies and is not checked
+    compactlm.prune(model, Barber(init=Wanda(sparsity=0.5), objective="block"), calib=_calib(), batch_size=4)
+
+
+def test_the_report_carries_the_memory_estimate_and_the_host_free_memory_is_read():
+    from compactlm.prune.barber_lm import free_memory_bytes
+
+    free = free_memory_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    model = tiny_model("llama")
+    report = compactlm.prune(model, Barber(init=Wanda(sparsity=0.5), heldout=4), calib=_calib(), batch_size=4)
+    est = report.layer_records[-1]["memory_estimate"]
+    assert est["pruned_weights"] == sum(
+        m.weight.numel() for i in range(get_adapter(model).num_layers) for m in get_adapter(model).linears(i).values())

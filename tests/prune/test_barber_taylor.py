@@ -96,11 +96,12 @@ def test_taylor_swaps_only_pairs_the_model_predicts_to_lower_the_loss():
 
 def test_criterion_and_search_ratios_are_validated_and_round_trip():
     with pytest.raises(ConfigError, match="criterion"):
-        Barber(init=Wanda(sparsity=0.5), criterion="hessian")
+        Barber(objective="block", init=Wanda(sparsity=0.5), criterion="hessian")
     for bad in ((0.0, 0.1), (0.1, 1.5), "0.1", (True,)):
         with pytest.raises(ConfigError, match="search_ratios"):
-            Barber(init=Wanda(sparsity=0.5), search_ratios=bad)
-    cfg = Barber(init=Wanda(pattern="2:4"), criterion="taylor", rebuild_ratio=0.1, search_ratios=[0.01, 0.1])
+            Barber(objective="block", init=Wanda(sparsity=0.5), search_ratios=bad)
+    cfg = Barber(objective="block", init=Wanda(pattern="2:4"), criterion="taylor", rebuild_ratio=0.1,
+                 search_ratios=[0.01, 0.1])
     assert cfg.search_ratios == (0.01, 0.1)
     assert Barber.from_dict(cfg.to_dict()) == cfg
     assert Barber.from_json(cfg.to_json()) == cfg
@@ -111,10 +112,11 @@ def test_search_keeps_the_ratio_with_the_lowest_block_error():
     ratios = (0.01, 0.1, 0.5, 1.0)
     results = {}
     for r in ratios:  # each ratio alone, guard off: the block errors the search compares
-        rep = compactlm.prune(tiny_model("llama"), Barber(init=Wanda(sparsity=0.5), criterion="taylor",
-                                                          rebuild_ratio=r, guard=False), calib=calib, batch_size=4)
+        rep = compactlm.prune(tiny_model("llama"), Barber(objective="block", init=Wanda(sparsity=0.5),
+                                                          criterion="taylor", rebuild_ratio=r, guard=False),
+                              calib=calib, batch_size=4)
         results[r] = rep.layer_records[0]["attention_block_mse"][1]
-    rep = compactlm.prune(tiny_model("llama"), Barber(init=Wanda(sparsity=0.5), criterion="taylor",
+    rep = compactlm.prune(tiny_model("llama"), Barber(objective="block", init=Wanda(sparsity=0.5), criterion="taylor",
                                                       search_ratios=ratios, guard=False), calib=calib, batch_size=4)
     first = rep.layer_records[0]
     assert first["ratio"]["attention"] == min(results, key=results.get)
@@ -127,8 +129,8 @@ def test_search_keeps_the_ratio_with_the_lowest_block_error():
 def test_taylor_rebuild_keeps_sparsity_patterns_and_never_raises_the_block_error(init):
     calib = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     model = tiny_model("llama")
-    report = compactlm.prune(model, Barber(init=init, criterion="taylor", search_ratios=(0.01, 0.1, 0.5)),
-                             calib=calib, batch_size=4)
+    report = compactlm.prune(model, Barber(objective="block", init=init, criterion="taylor",
+                                           search_ratios=(0.01, 0.1, 0.5)), calib=calib, batch_size=4)
     assert sum(sum(r["swaps"].values()) for r in report.layer_records) > 0
     for r in report.layer_records:
         for label in ("attention", "mlp"):

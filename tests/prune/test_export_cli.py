@@ -133,6 +133,22 @@ def test_cli_barber_taylor_flags_build_the_config():
     assert (cfg.objective, cfg.heldout, cfg.rounds, cfg.margin, cfg.search_ratios) == ("lm", 4, 2, 0.0, (0.01, 0.1))
 
 
+def test_cli_barber_defaults_to_the_lm_objective_and_block_stays_available():
+    from compactlm.cli import build_parser
+    from compactlm.cli.prune import build_config
+    from compactlm.prune.barber import LM_SEARCH_RATIOS
+
+    parse = build_parser().parse_args
+    cfg = build_config(parse(["prune", "tiny-llama", "--method", "barber", "--out", "o"]))
+    assert (cfg.objective, cfg.search_ratios, cfg.rounds, cfg.margin, cfg.heldout) == ("lm", LM_SEARCH_RATIOS, 1, 2.0,
+                                                                                       8)
+    cfg = build_config(parse(["prune", "tiny-llama", "--method", "barber", "--objective", "block", "--out", "o"]))
+    assert (cfg.objective, cfg.search_ratios, cfg.rebuild_ratio) == ("block", (), 0.01)
+    cfg = build_config(parse(["prune", "tiny-llama", "--method", "barber", "--search-ratios", "0.001,0.01",
+                              "--out", "o"]))
+    assert (cfg.objective, cfg.search_ratios) == ("lm", (0.001, 0.01))
+
+
 def test_wanda_default_is_half_and_compress_entry_point():
     model = tiny_model("llama")
     calib = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -40,7 +40,8 @@ def test_nm_mask_rejects_widths_not_multiple_of_m():
 @pytest.mark.parametrize("config", [
     Magnitude(sparsity=0.3), Wanda(pattern="2:4", ignore=("mlp",)),
     SparseGPT(sparsity=0.6, scope="layer", blocksize=64),
-    Barber(init=Wanda(pattern="4:8"), rebuild_ratio=0.02, group="block"), Barber(init=SparseGPT(sparsity=0.5)),
+    Barber(init=Wanda(pattern="4:8"), rebuild_ratio=0.02, group="block", objective="block"),
+    Barber(init=SparseGPT(sparsity=0.5)),  # the default objective ("lm") and its resolved step ladder
     Wanda(targets=("self_attn",)),
 ])
 def test_configs_round_trip_through_json(config):

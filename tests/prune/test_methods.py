@@ -50,8 +50,8 @@ def _linears(model):
 
 
 CONFIGS = [Magnitude(sparsity=0.5), Wanda(sparsity=0.3), SparseGPT(sparsity=0.5, blocksize=32),
-           Barber(init=Wanda(sparsity=0.5), rebuild_ratio=0.5),
-           Barber(init=SparseGPT(sparsity=0.4, blocksize=32), rebuild_ratio=0.5, guard=False)]
+           Barber(objective="block", init=Wanda(sparsity=0.5), rebuild_ratio=0.5),
+           Barber(objective="block", init=SparseGPT(sparsity=0.4, blocksize=32), rebuild_ratio=0.5, guard=False)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{type(c).__name__}-{c.describe()}")
@@ -70,7 +70,7 @@ def test_exact_unstructured_sparsity_per_row(config):
 def test_nm_patterns_are_valid(method, pattern):
     model = tiny_model("qwen2")
     config = compactlm.prune.METHODS[method](pattern=pattern) if method != "barber" else \
-        Barber(init=Wanda(pattern=pattern), rebuild_ratio=0.5)
+        Barber(objective="block", init=Wanda(pattern=pattern), rebuild_ratio=0.5)
     compactlm.compress(model, config, calib=_calib(), batch_size=4)
     n, m = map(int, pattern.split(":"))
     for name, lin in _linears(model).items():
@@ -86,8 +86,8 @@ def test_barber_never_changes_sparsity_and_does_swap(init, group):
     base = tiny_model("llama")
     compactlm.prune(base, init, calib=calib, batch_size=4)
     model = tiny_model("llama")
-    report = compactlm.prune(model, Barber(init=init, rebuild_ratio=0.5, group=group, guard=False), calib=calib,
-                             batch_size=4)
+    report = compactlm.prune(model, Barber(objective="block", init=init, rebuild_ratio=0.5, group=group, guard=False),
+                             calib=calib, batch_size=4)
     swaps = sum(sum(r["swaps"].values()) for r in report.layer_records)
     assert swaps > 0
     before, after = _linears(base), _linears(model)
@@ -108,8 +108,8 @@ def test_barber_never_changes_sparsity_and_does_swap(init, group):
 
 def test_barber_guard_never_worsens_the_layer_error():
     model = tiny_model("llama")
-    report = compactlm.prune(model, Barber(init=Wanda(sparsity=0.5), rebuild_ratio=0.5), calib=_calib(),
-                             batch_size=4)
+    report = compactlm.prune(model, Barber(objective="block", init=Wanda(sparsity=0.5), rebuild_ratio=0.5),
+                             calib=_calib(), batch_size=4)
     for r in report.layer_records:
         for label in ("attention", "mlp"):
             before, after = r[f"{label}_block_mse"]
@@ -119,12 +119,14 @@ def test_barber_guard_never_worsens_the_layer_error():
 @pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen2_moe"])
 def test_barber_runs_on_other_families(family):
     model = tiny_model(family)
-    report = compactlm.prune(model, Barber(init=Wanda(pattern="2:4"), rebuild_ratio=0.5), calib=_calib(), batch_size=4)
+    report = compactlm.prune(model, Barber(objective="block", init=Wanda(pattern="2:4"), rebuild_ratio=0.5),
+                             calib=_calib(), batch_size=4)
     assert all(is_nm(m.weight != 0, 2, 4) for m in _linears(model).values())
     assert report.layer_records and all("attention_block_mse" in r for r in report.layer_records)
 
 
-@pytest.mark.parametrize("config", [Wanda(), SparseGPT(), Barber()], ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize("config", [Wanda(), SparseGPT(), Barber(), Barber(objective="block")],
+                         ids=["Wanda", "SparseGPT", "Barber-lm", "Barber-block"])
 def test_calibrated_methods_without_calibration_data_raise(config):
     with pytest.raises(DataError, match="calibration data"):
         compactlm.prune(tiny_model("llama"), config)

@@ -44,6 +44,9 @@ from .wanda import Wanda
 GROUPS = ("row", "layer", "block")
 CRITERIA = ("gradient", "taylor")
 OBJECTIVES = ("block", "lm")
+# objective="lm"'s default step ladder: the quick runs' (1e-4 … 3e-3, where every setting measured chose a step, two of
+# them the smallest) plus 3e-5 below it (docs/pruning.md, "End-to-end objective").
+LM_SEARCH_RATIOS = (0.00003, 0.0001, 0.0003, 0.001, 0.003)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +73,20 @@ class Barber(BaseConfig):
         when none is lower). A backtracking line search on the step length (Nocedal & Wright, Numerical
         Optimization, §3.1): the swap scores come from a local model of the block loss, which many simultaneous
         swaps leave, so how many to make is decided by the loss itself. Costs one block forward per ratio.
-    objective: ``"block"`` (§3.2: each block's output MSE, block by block, as above) or ``"lm"`` (a deviation:
-        the whole model's next-token loss; the initial mask of the whole model is rebuilt at once by the
-        second-order Taylor model of that loss, each ratio of ``search_ratios`` — or ``rebuild_ratio`` — then
-        meaning the fraction of *all* the model's profitable swaps, chosen on held-out sequences;
-        :mod:`compactlm.prune.barber_lm`). ``criterion`` and ``guard`` apply to ``"block"`` only. Measured on the
-        default model, init Wanda (PPL-wiki-512-q): 50 % 54.37 → 50.12, 4:8 98.93 → 80.41, 2:4 206.44 → 134.22,
-        30 % 26.78 → 26.08 (docs/pruning.md); "block" is still the default (the demo and tests pin it today).
+        ``None`` (the default) resolves per objective: ``LM_SEARCH_RATIOS`` for ``"lm"``, ``()`` for ``"block"``;
+        ``()`` means the single ``rebuild_ratio`` with either objective.
+    objective: ``"lm"`` (the default; a deviation from §3.2: the whole model's next-token loss; the initial mask
+        of the whole model is rebuilt at once by the second-order Taylor model of that loss, each ratio of
+        ``search_ratios`` — or ``rebuild_ratio`` — then meaning the fraction of *all* the model's profitable
+        swaps, chosen on held-out sequences; :mod:`compactlm.prune.barber_lm`) or ``"block"`` (§3.2, the paper:
+        each block's output MSE, block by block, as above; needs about half the memory). ``criterion`` and
+        ``guard`` apply to ``"block"`` only. Why "lm" is the default — measured on the default model
+        (PPL-wiki-512-q, CALIB-pg-512-q; docs/pruning.md): it beats its initial mask at every setting run (init
+        Wanda: 50 % 54.37 → 50.12, 4:8 98.93 → 80.41, 2:4 206.44 → 134.22, 30 % 26.78 → 26.08; init SparseGPT:
+        50 % 53.83 → 49.63, 2:4 124.11 → 100.54), where "block" loses to Wanda at 50 % (54.78) and 4:8 (99.60).
+        Its cost: ≈ 4 fp32 copies of every pruned weight plus a whole-model backward (4.5 GiB peak RSS against
+        Wanda's 2.4 GiB on the 135M model); it refuses to start, naming its estimate, when that clearly exceeds
+        the free memory (:func:`compactlm.prune.barber_lm.check_lm_memory`).
     heldout: ``"lm"`` only: the last ``heldout`` calibration sequences are kept out of the initial method and the
         gradients and only choose the step (ratio 0, the initial mask, among the candidates).
     rounds: ``"lm"`` only: rebuilds at most this many times, each from fresh gradients at the current mask;
@@ -91,8 +101,8 @@ class Barber(BaseConfig):
     group: str = "row"
     guard: bool = True
     criterion: str = "gradient"
-    search_ratios: tuple[float, ...] = ()
-    objective: str = "block"
+    search_ratios: tuple[float, ...] | None = None
+    objective: str = "lm"
     heldout: int = 8
     rounds: int = 1
     margin: float = 2.0
@@ -105,19 +115,22 @@ class Barber(BaseConfig):
                 or not 0.0 < float(self.rebuild_ratio) <= 1.0:
             raise ConfigError(f"rebuild_ratio must be in (0, 1]: the fraction of the profitable swaps to make, e.g. "
                               f"0.01 (the paper's code); got {self.rebuild_ratio!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES} ('lm' = the model's next-token loss, the "
+                              f"default; 'block' = §3.2's block-output MSE, the paper's), got {self.objective!r}")
+        if self.search_ratios is None:  # the default ladder of the chosen objective (class docstring)
+            object.__setattr__(self, "search_ratios", LM_SEARCH_RATIOS if self.objective == "lm" else ())
         if isinstance(self.search_ratios, str) or not isinstance(self.search_ratios, tuple | list) or any(
                 isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 < float(r) <= 1.0
                 for r in self.search_ratios):
-            raise ConfigError(f"search_ratios must be a tuple of fractions in (0, 1], e.g. (0.001, 0.01, 0.1), or () "
-                              f"for the single rebuild_ratio; got {self.search_ratios!r}")
+            raise ConfigError(f"search_ratios must be a tuple of fractions in (0, 1], e.g. (0.001, 0.01, 0.1), () "
+                              f"for the single rebuild_ratio, or None for the objective's default; got "
+                              f"{self.search_ratios!r}")
         object.__setattr__(self, "search_ratios", tuple(float(r) for r in self.search_ratios))
         if not isinstance(self.guard, bool):
             raise ConfigError(f"guard must be True or False, got {self.guard!r}")
         if self.group not in GROUPS:
             raise ConfigError(f"group must be one of {GROUPS}, got {self.group!r}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {OBJECTIVES} ('block' = §3.2's block-output MSE, 'lm' = the "
-                              f"model's next-token loss), got {self.objective!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or not self.margin >= 0:
             raise ConfigError(f"margin must be a number ≥ 0 (standard errors), e.g. 2.0; got {self.margin!r}")
         for field, low in (("heldout", 1), ("rounds", 1)):
@@ -125,8 +138,8 @@ class Barber(BaseConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{field} must be an integer ≥ {low}, got {value!r}")
         if self.objective == "lm" and self.group == "block":
-            raise ConfigError("objective='lm' swaps inside an output row (group='row') or a matrix (group='layer'); "
-                              "group='block' is for the block objective")
+            raise ConfigError("objective='lm' (the default) swaps inside an output row (group='row') or a matrix "
+                              "(group='layer'); group='block' needs objective='block'")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion must be one of {CRITERIA} ('gradient' = the paper's |W|·sqrt(E[g²]), "
                               f"'taylor' = second-order block-loss change), got {self.criterion!r}")
@@ -526,4 +539,4 @@ def apply_barber(model: nn.Module, config: Barber, calib=None, filter_fn=None, *
 
 
 __all__ = ["Barber", "BarberRun", "rebuild_masks", "barber_scores", "taylor_scores", "block_taylor_statistics",
-           "block_outputs", "capture_block", "parse_pattern"]
+           "block_outputs", "capture_block", "parse_pattern", "LM_SEARCH_RATIOS"]
