@@ -7,6 +7,7 @@ import torch
 
 from compactlm.kv.quantizer import (
     QuantizedKV,
+    decode_meta,
     decode_meta8,
     dequantize_groups,
     pack_codes,
@@ -199,7 +200,7 @@ def test_one_byte_metadata_is_one_byte_per_group_and_near_the_searched_two_byte_
     codes, scale, base = quantize_groups(x, 2, 16, dim, "int4")
     rows = 32 if dim == -2 else 2
     assert scale.dtype == torch.uint8 and scale.shape == ((2, 3, 4, 32) if dim == -2 else (2, 3, 64, 2))
-    assert base.shape == (2, 3, 1, rows, 3) and base.dtype == torch.float32
+    assert base.shape == (2, 3, 1, rows, 6) and base.dtype == torch.float32
     y = dequantize_groups(codes, scale, base, 16, dim)
     m8 = dequantize_groups(*quantize_groups(x, 2, 16, dim, "int8", clip_search=True), 16, dim)
     mm = dequantize_groups(*quantize_groups(x, 2, 16, dim, torch.float16), 16, dim)
@@ -220,3 +221,25 @@ def test_one_byte_metadata_store_keeps_its_first_base_and_counts_it():
     assert (full - torch.cat([x[..., :32, :], x[..., 32:, :] * 3], -2)).square().mean() < 0.25 * (x * 3).var()
     with pytest.raises(ValueError, match="like="):
         q.append(QuantizedKV.quantize(x[..., 32:, :], 2, 16, -2, "int4"))  # a second base: refused
+
+
+def test_one_byte_metadata_base_names_its_grid_and_a_covering_grid_never_clips(monkeypatch):
+    """The stored base carries its Meta4Grid (decode needs nothing else); with ``cover`` the fit keeps every
+    group's min and max inside the code range where a grid can, the default fit may clip them."""
+    from compactlm.kv import fit
+
+    x = _x((1, 2, 64, 32), seed=11)
+    x[..., 5, 3] = 4.0  # one outlier channel in one token: a value group a clipping fit cuts
+    wide = fit.Meta4Grid(u_bits=5, steps=8, mid_code=20, z_step=0.4, cover=True)
+    monkeypatch.setattr(fit, "VALUE_GRID", wide)
+    codes, scale, base = quantize_groups(x, 2, 16, -1, "int4")
+    assert base[..., 4].unique().tolist() == [5.0] and torch.allclose(base[..., 3], torch.tensor(1 / 8))
+    s, lo = decode_meta(scale, base, torch.float32)
+    g = x.reshape(1, 2, 64, 2, 16)
+    covered = (lo <= g.amin(-1) + 1e-6) & (lo + 3 * s >= g.amax(-1) - 1e-6)
+    y = dequantize_groups(codes, scale, base, 16, -1)
+    assert covered[0, 0, 5, 0] and (y[0, 0, 5, 3] - 4.0).abs() <= s[0, 0, 5, 0] / 2 + 1e-6
+    monkeypatch.setattr(fit, "VALUE_GRID", fit.Meta4Grid(4, 4, 11, 0.2, cover=False))
+    codes, scale, base = quantize_groups(x, 2, 16, -1, "int4")
+    s, lo = decode_meta(scale, base, torch.float32)
+    assert (lo[0, 0, 5, 0] + 3 * s[0, 0, 5, 0]) < 4.0  # the MSE fit clips the outlier

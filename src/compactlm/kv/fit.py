@@ -6,36 +6,55 @@ at both ends and keeps, per group, the one whose *stored* metadata reconstructs 
 squared error (the clipping-range search of weight quantizers, e.g. GPTQ's ``mse`` grid, here on an
 asymmetric 2-D grid because key channels carry offsets that a shrink towards zero would not fit).
 
-The 1-byte metadata (``meta_dtype="int4"``) codes each group's scale in U_BITS (4) bits and its offset
+The 1-byte metadata (``meta_dtype="int4"``) codes each group's scale in ``u_bits`` (4) bits and its offset
 in the other 4, relative to a per-row base (keys: per channel, values: per channel group) fixed when a
 layer's first tokens are quantized — KVQuant (Hooper et al., arXiv 2401.18079) §3.1-3.2 observes that
 pre-RoPE key ranges are a property of the channel, so a group needs only its deviation from the channel's
-typical range. The stored tensors are the packed byte per group ``u << (8 − U_BITS) | z`` and the base
-(B, H, 1, rows, 3) fp32 = (log2 of the median group scale, median group midpoint, half the code range):
+typical range. The stored tensors are the packed byte per group ``u << (8 − u_bits) | z`` and the base
+(B, H, 1, rows, 6) fp32 = (log2 of scale code 0, median group midpoint, half the code range, octaves per scale
+code, u_bits, z_step), so a stored base says which :class:`Meta4Grid` its codes use:
 
-    scale = 2^(base_log2 + (u - U_MID) / U_STEPS)       u < 2^U_BITS (1/U_STEPS-octave steps)
-    low   = base_mid + scale · ((z - z_mid) · Z_STEP - qmax / 2)      z < 2^(8 - U_BITS), z_mid its middle
+    scale = 2^(base_lo + u · base_step)                 u < 2^u_bits
+    low   = base_mid + scale · ((z - z_mid) · z_step - qmax / 2)      z < 2^(8 - u_bits), z_mid its middle
     x     ≈ low + scale · code
 
 The representable (scale, offset) pairs are searched for the lowest squared error (every scale, the
 2·Z_SEARCH + 1 offsets around the group's own midpoint for each), so clipping is part of the fit. The
 constants were chosen by key/value reconstruction error on 2,048 tokens of PPL-decode-q window 0
-(``benchmarks/kv_fit_screen.py``; Z_STEP 0.5 → 0.2 was the one change that mattered: 0.1065 → 0.1000
-relative squared value error, 0.0186 → 0.0174 key error; 3 or 5 scale bits did no better).
+(``benchmarks/kv_fit_screen.py``; z_step 0.5 → 0.2 was the one change that mattered: 0.1065 → 0.1000
+relative squared value error, 0.0186 → 0.0174 key error; 3 or 5 scale bits did no better). Keys and values
+have a grid each; both are the same today: wider value scale ranges, 5 scale bits, and grids that never clip
+did not lower the answer NLL of 24 RULER prompts at 4K (``benchmarks/kv_meta_screen.py``, docs/kv-cache.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 # fraction of the min-max range cut from the low / high end (6 × 6 = 36 candidate ranges per group)
 CLIP_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
-U_BITS = 4  # 1-byte metadata: bits of the scale code (the offset code takes the other 8 - U_BITS)
-U_STEPS = 4  # 1-byte metadata: scale codes per octave
-U_MID = 11  # scale code of the base scale: codes cover 2^-2.75 .. 2^+1 of the row's median group scale
-Z_STEP = 0.2  # 1-byte metadata: midpoint offsets in 0.2 scales, ±1.5 scales around the row's median midpoint
+
+
+@dataclass(frozen=True)
+class Meta4Grid:
+    """How a 1-byte metadata code splits: ``u_bits`` scale bits (``steps`` codes per octave, the row's median
+    scale at code ``mid_code``) and 8 − ``u_bits`` offset bits in ``z_step`` scales; ``cover``: only grids whose
+    range holds the group's min and max compete (no clipping), where any does."""
+
+    u_bits: int
+    steps: int
+    mid_code: int
+    z_step: float
+    cover: bool
+
+
+# Token-grouped tensors (keys, per channel): 4 + 4 bits, 1/4-octave scales over 2^-2.75 .. 2^+1 of the median.
+KEY_GRID = Meta4Grid(u_bits=4, steps=4, mid_code=11, z_step=0.2, cover=False)
+VALUE_GRID = Meta4Grid(u_bits=4, steps=4, mid_code=11, z_step=0.2, cover=False)
+_UNCOVERED = 1e30
 Z_SEARCH = 2  # 1-byte metadata: offsets tried on each side of the group's own midpoint
 
 # (low, high) per group -> (stored scale, stored zero, float scale, float low) with x ≈ low + scale · code
@@ -75,11 +94,12 @@ def search_range(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, qmax: int,
 
 
 def meta4_base(mn: torch.Tensor, mx: torch.Tensor, qmax: int, dim: int, empty: torch.Tensor | None) -> torch.Tensor:
-    """The per-row base of the 1-byte metadata from a first batch of groups: (B, H, 1, rows, 3) fp32.
+    """The per-row base of the 1-byte metadata from a first batch of groups: (B, H, 1, rows, 6) fp32.
 
     ``mn``/``mx`` are (B, H, groups, rows) for keys (``dim=-2``) and (B, H, tokens, groups) for values;
     rows are the last dim in both. Medians over the groups of a row; empty (all-padding) groups are left out,
-    and a row with none takes the median over the batch.
+    and a row with none takes the median over the batch. The scale grid is :data:`KEY_GRID` for token groups
+    (``dim=-2``) and :data:`VALUE_GRID` for channel groups (``dim=-1``).
     """
     log_s = torch.log2(((mx - mn) / qmax).clamp_min(2.0 ** -20))
     mid = (mx + mn) / 2
@@ -92,36 +112,44 @@ def meta4_base(mn: torch.Tensor, mx: torch.Tensor, qmax: int, dim: int, empty: t
         fallback = t.permute(1, 3, 0, 2).flatten(2).nanmedian(-1).values  # (H, rows): over batch and groups
         m = torch.where(torch.isnan(m), fallback[None, :, None, :].expand_as(m), m)
         stats.append(torch.nan_to_num(m, nan=0.0))
-    half = torch.full_like(stats[0], qmax / 2)
-    return torch.stack([*stats, half], -1).float()
+    grid = KEY_GRID if dim == -2 else VALUE_GRID
+    lo = stats[0] - grid.mid_code / grid.steps
+    full = torch.ones_like(lo)
+    return torch.stack([lo, stats[1], full * (qmax / 2), full / grid.steps, full * grid.u_bits, full * grid.z_step],
+                       -1).float()
 
 
 def decode_meta4(byte: torch.Tensor, base: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """(packed uint8 per group, base (B, H, 1, rows, 3)) -> float ``(scale, zero)`` of ``x = code · scale + zero``."""
-    zb = 8 - U_BITS
-    u = (byte >> zb).float()
-    z = (byte & (2 ** zb - 1)).float()
-    z_mid = (2 ** zb - 1) / 2
-    log_b, mid_b, half = base[..., 0], base[..., 1], base[..., 2]
-    scale = torch.exp2(log_b + (u - U_MID) / U_STEPS)
-    low = mid_b + scale * ((z - z_mid) * Z_STEP - half)
+    """(packed uint8 per group, base (B, H, 1, rows, 6)) -> float ``(scale, zero)`` of ``x = code · scale + zero``."""
+    log_lo, mid_b, half, step, u_bits, z_step = base.unbind(-1)
+    z_span = torch.exp2(8 - u_bits)  # offset codes per scale code
+    b = byte.float()
+    u = torch.floor(b / z_span)
+    z = b - u * z_span
+    scale = torch.exp2(log_lo + u * step)
+    low = mid_b + scale * ((z - (z_span - 1) / 2) * z_step - half)
     return scale.to(dtype), low.to(dtype)
 
 
 def fit_meta4(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, base: torch.Tensor, qmax: int, dim: int,
               w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The lowest-error 1-byte metadata per group: (packed uint8, float scale, float low)."""
-    log_b, mid_b = base[..., 0], base[..., 1]
+    """The lowest-error 1-byte metadata per group: (packed uint8, float scale, float low), on the base's grid."""
+    log_lo, mid_b, step = base[..., 0], base[..., 1], base[..., 3]
+    u_bits, z_step = int(base[..., 4].flatten()[0]), float(base[..., 5].flatten()[0])
+    cover = (KEY_GRID if dim == -2 else VALUE_GRID).cover
     mid = (mx + mn) / 2
-    zb = 8 - U_BITS
+    zb = 8 - u_bits
     z_max, z_mid = 2 ** zb - 1, (2 ** zb - 1) / 2
     best = best_err = None
-    for u in range(2 ** U_BITS):
-        s = torch.exp2(log_b + (u - U_MID) / U_STEPS).expand_as(mid)
-        z0 = torch.round((mid - mid_b) / (s * Z_STEP) + z_mid)
+    for u in range(2 ** u_bits):
+        s = torch.exp2(log_lo + u * step).expand_as(mid)
+        z0 = torch.round((mid - mid_b) / (s * z_step) + z_mid)
         for dz in range(-Z_SEARCH, Z_SEARCH + 1):
             z = (z0 + dz).clamp(0, z_max)
-            lo = mid_b + s * ((z - z_mid) * Z_STEP - qmax / 2)
+            lo = mid_b + s * ((z - z_mid) * z_step - qmax / 2)
             byte = (z + 2 ** zb * u).to(torch.uint8)
-            best, best_err = _keep_lower(best, best_err, (byte, s, lo), group_error(g, s, lo, qmax, dim, w))
+            err = group_error(g, s, lo, qmax, dim, w)
+            if cover:  # a grid that clips the group's extremes loses to any that covers them
+                err = torch.where((lo <= mn) & (lo + qmax * s >= mx), err, err + _UNCOVERED)
+            best, best_err = _keep_lower(best, best_err, (byte, s, lo), err)
     return best[0], best[1], best[2]

@@ -64,7 +64,7 @@ def decode_meta8(scale_code: torch.Tensor, zero_point: torch.Tensor,
 
 
 def is_meta4(scale: torch.Tensor, zero: torch.Tensor) -> bool:
-    """True for the 1-byte format: uint8 packed codes with a float (B, H, 1, rows, 3) base as ``zero``."""
+    """True for the 1-byte format: uint8 packed codes with a float (B, H, 1, rows, 6) base as ``zero``."""
     return scale.dtype == torch.uint8 and zero.is_floating_point()
 
 
@@ -105,7 +105,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int,
     Returns ``(codes uint8 (B, H, T, D), scale, zero)`` with scale/zero (B, H, T/G, D) for ``dim=-2``
     and (B, H, T, D/G) for ``dim=-1``, in ``meta_dtype`` (``"int8"``: uint8 scale codes and int8 zero
     points, see :func:`encode_meta8`; ``"int4"``: one packed uint8 per group and, as ``zero``, the per-row
-    base (B, H, 1, rows, 3) — ``base`` passes the one a layer fixed at its first flush, None computes it
+    base (B, H, 1, rows, 6) — ``base`` passes the one a layer fixed at its first flush, None computes it
     from ``x``). ``valid`` (B, T) bool excludes padded tokens from the range and the fitting error of token
     groups (their codes are still produced, and never attended to). ``clip_search`` picks each group's range
     by the lowest reconstruction error (:func:`compactlm.kv.fit.search_range`); the 1-byte format always does.
@@ -219,7 +219,7 @@ class QuantizedKV:
 
     packed: torch.Tensor  # uint8 (B, H, T, D·bits/8)
     scale: torch.Tensor  # (B, H, T/G, D) for keys (dim=-2), (B, H, T, D/G) for values (dim=-1)
-    zero: torch.Tensor  # same shape as scale; the 1-byte format: the per-row base (B, H, 1, rows, 3), kept once
+    zero: torch.Tensor  # same shape as scale; the 1-byte format: the per-row base (B, H, 1, rows, 6), kept once
     bits: int
     group_size: int
     dim: int
