@@ -69,6 +69,7 @@ VARIANTS = {
     "v5f": (META4, META4, 0, 0, fit.Meta4Grid(5, 8, 20, 0.4, False)),
     "v5c6": (META4, META4, 0, 0, fit.Meta4Grid(5, 6, 16, 0.4, True)),
     "k4v8g64": (META4, META8, 0, 0, None, None, False, 64),
+    "v-unweighted": (META4, META4, 0, 0, fit.Meta4Grid(4, 4, 11, 0.2, False, False)),
 
 
 }

@@ -205,7 +205,8 @@ def test_one_byte_metadata_is_one_byte_per_group_and_near_the_searched_two_byte_
     m8 = dequantize_groups(*quantize_groups(x, 2, 16, dim, "int8", clip_search=True), 16, dim)
     mm = dequantize_groups(*quantize_groups(x, 2, 16, dim, torch.float16), 16, dim)
     e4, e8, emm = ((x - t).square().sum().item() for t in (y, m8, mm))
-    assert e4 < 1.1 * e8 and e4 < emm, (e4, e8, emm)
+    # values (dim=-1) are fitted by the x²-weighted error (fit.VALUE_GRID), so only keys compare in plain MSE
+    assert e4 < emm and (dim == -1 or e4 < 1.1 * e8), (e4, e8, emm)
 
 
 def test_one_byte_metadata_store_keeps_its_first_base_and_counts_it():
