@@ -23,8 +23,9 @@ The representable (scale, offset) pairs are searched for the lowest squared erro
 constants were chosen by key/value reconstruction error on 2,048 tokens of PPL-decode-q window 0
 (``benchmarks/kv_fit_screen.py``; z_step 0.5 → 0.2 was the one change that mattered: 0.1065 → 0.1000
 relative squared value error, 0.0186 → 0.0174 key error; 3 or 5 scale bits did no better). Keys and values
-have a grid each; both are the same today: wider value scale ranges, 5 scale bits, and grids that never clip
-did not lower the answer NLL of 24 RULER prompts at 4K (``benchmarks/kv_meta_screen.py``, docs/kv-cache.md).
+have a grid each (:data:`KEY_GRID`, :data:`VALUE_GRID`): the same codes, but values are fitted by the x²-weighted
+error; wider value scale ranges, 5 scale bits and grids that never clip did not lower the answer NLL of 24 RULER
+prompts at 4K, the weighting did (``benchmarks/kv_meta_screen.py``, docs/kv-cache.md).
 """
 
 from __future__ import annotations
@@ -137,11 +138,14 @@ def decode_meta4(byte: torch.Tensor, base: torch.Tensor, dtype: torch.dtype = to
 
 def fit_meta4(g: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, base: torch.Tensor, qmax: int, dim: int,
               w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The lowest-error 1-byte metadata per group: (packed uint8, float scale, float low), on the base's grid."""
-    log_lo, mid_b, step = base[..., 0], base[..., 1], base[..., 3]
-    u_bits, z_step = int(base[..., 4].flatten()[0]), float(base[..., 5].flatten()[0])
+    """The lowest-error 1-byte metadata per group: (packed uint8, float scale, float low).
+
+    Encodes on the grid of ``dim`` (:data:`KEY_GRID` / :data:`VALUE_GRID`), the one :func:`meta4_base` wrote
+    into ``base`` for the decoder; only the base's data-dependent columns (scale of code 0, midpoint) are read.
+    """
     grid = KEY_GRID if dim == -2 else VALUE_GRID
-    cover = grid.cover
+    log_lo, mid_b = base[..., 0], base[..., 1]
+    u_bits, step, z_step, cover = grid.u_bits, 1 / grid.steps, grid.z_step, grid.cover
     if grid.magnitude_weighted:
         w = g.square() if w is None else g.square() * w
     mid = (mx + mn) / 2
