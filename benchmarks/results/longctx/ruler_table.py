@@ -5,6 +5,9 @@ Why count prompts: at n samples per task one prompt moves a single-answer task b
 multi-answer tasks) and the 8-task mean by 100/(8n), so a Δ of a point or two is one or two prompts; the counts
 say how many.
 
+The Δ interval is a paired bootstrap over prompts, stratified by task (:func:`paired_interval`): a method is
+"within 1 point of full" with confidence only when its whole interval lies within ±1.
+
 Several JSONs in one call are printed one after another; with ``--merge`` they are read as parts of one run and
 tabled together: a length whose tasks were run in separate processes (e.g. the 4K union cut before ``passkey``,
 and that chunk run later on its own). Merging needs the same methods and samples in every part and no
@@ -19,11 +22,32 @@ different commits (a prompt is seeded by task, length and index, so the parts' p
 from __future__ import annotations
 
 import json
+import random
 import sys
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def paired_interval(diffs: dict[str, list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the 8-task mean of (method − full) by a paired bootstrap over prompts.
+
+    ``diffs`` maps each task to its prompts' score differences against full on the same prompt. Prompts are
+    resampled with replacement inside each task (stratified, so every task keeps its weight in the mean, as in
+    the score), and the pairing keeps the prompt-to-prompt noise both methods share out of the interval.
+    """
+    rng = random.Random(seed)
+    tasks = [t for t, d in diffs.items() if d]
+    means = []
+    for _ in range(resamples):
+        per_task = []
+        for t in tasks:
+            d = diffs[t]
+            per_task.append(sum(d[rng.randrange(len(d))] for _ in d) / len(d))
+        means.append(sum(per_task) / len(per_task))
+    means.sort()
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def merge(paths: list[str]) -> dict:
@@ -67,9 +91,9 @@ def tables(d: dict, name: str) -> str:
         out += ["", f"Length {n} ({len(done)} of {len(tasks)} tasks, {n_samples} samples each; one single-answer "
                 f"prompt moves a task by {100 / n_samples:.1f} points and the mean by "
                 f"{100 / n_samples / max(1, len(done)):.2f}):", "",
-                "| method | score | Δ vs full | " + " | ".join(done)
+                "| method | score | Δ vs full | Δ 95 % interval | " + " | ".join(done)
                 + " | prompts ≠ full text | prompts ≠ full score |",
-                "|---" * (len(done) + 5) + "|"]
+                "|---" * (len(done) + 6) + "|"]
         full_score = None
         for m in methods:
             rows = [r for r in recs if r["method"] == m and r["length"] == n and r["task"] in done]
@@ -82,8 +106,15 @@ def tables(d: dict, name: str) -> str:
             diff = sum(r["score"] != f["score"] for r, f in zip(rows, ref, strict=True))
             up = sum(r["score"] > f["score"] for r, f in zip(rows, ref, strict=True))
             delta = "—" if m == "full" else f"{score - full_score:+.1f}"
+            if m == "full":
+                interval = "—"
+            else:  # paired bootstrap over prompts (see paired_interval)
+                diffs = {t: [r["score"] - f["score"] for r, f in zip(rows, ref, strict=True) if r["task"] == t]
+                         for t in done}
+                lo, hi = paired_interval(diffs)
+                interval = f"[{lo:+.1f}, {hi:+.1f}]"
             counts = "— | —" if m == "full" else f"{text}/{len(rows)} | {diff}/{len(rows)} ({up} up, {diff - up} down)"
-            out.append(f"| {m} | {score:.1f} | {delta} | " + " | ".join(f"{per_task[t]:.0f}" for t in done)
+            out.append(f"| {m} | {score:.1f} | {delta} | {interval} | " + " | ".join(f"{per_task[t]:.0f}" for t in done)
                        + f" | {counts} |")
     return "\n".join(out)
 
