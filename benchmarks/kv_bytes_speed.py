@@ -37,7 +37,9 @@ from transformers import DynamicCache
 
 from compactlm.attention.runtime import attention_override
 from compactlm.kv import KVQuant, QuantizedKVCache, dense_grouped_attention, full_cache_bytes, kv_cache
+from compactlm.kv.attention import PATHS, force_path
 from compactlm.kv.demo_step import prefill_cache
+from compactlm.kv.runtime import PRESETS
 from compactlm.models import get_adapter, load
 from compactlm.utils import machine_info, write_json_atomic
 
@@ -96,6 +98,10 @@ BYTES_CONFIGS = {
     "int2-g32-r128-s16-m8-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, meta_dtype="int8",
                                            key_allocation="importance"),
     "int2-g32-r128-s16-kalloc": KVQuant(bits=2, group_size=32, residual=128, sinks=16, key_allocation="importance"),
+    # the recommended 2-bit cache, as `--kv int2-mixed` builds it (the same setting as int2-g32-r128-s16-m4-kalloc)
+    "int2-mixed": KVQuant(bits=2, **PRESETS["int2-mixed"]),
+    # the same with 8,192-token chunks (`--kv int2-mixed@chunk_tokens=8192`): fewer ops per layer at one query token
+    "int2-mixed-c8192": KVQuant(bits=2, **PRESETS["int2-mixed"], chunk_tokens=8192),
 }
 
 
@@ -137,6 +143,19 @@ def speed_configs(names: str | None) -> dict[str, KVQuant]:
     return {n: known[n] for n in wanted}
 
 
+def load_or_prefill(model, tokenizer, context: int, path: str | None) -> DynamicCache:
+    """The real-text prefill cache, saved to / loaded from ``path`` (``.pt``, keys and values per layer) when given."""
+    if path and os.path.exists(path):
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(torch.load(path)):
+            cache.update(k, v, i)
+        return cache
+    cache = prefill_cache(model, tokenizer, context)[0]
+    if path:
+        torch.save([(layer.keys, layer.values) for layer in cache.layers], path)
+    return cache
+
+
 def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
     a = get_adapter(model)
     g = torch.Generator().manual_seed(0)
@@ -161,6 +180,11 @@ def main() -> None:
     ap.add_argument("--real-text", action="store_true",
                     help="fill the cache by a real prefill of the wiki text instead of random keys/values (the "
                          "per-channel key bits of key_allocation='importance' depend on the keys, and so do its bytes)")
+    ap.add_argument("--cache-file", default=None,
+                    help="--real-text: save the prefilled cache here, or load it when the file exists")
+    ap.add_argument("--paths", default="folded",
+                    help=f"timed run: comma-separated decode paths ({', '.join(PATHS)}) for each quantized setting "
+                         "(compactlm.kv.attention.force_path); a row per setting and path")
     ap.add_argument("--configs", default=None,
                     help="timed run: comma-separated names from CONFIGS or BYTES_CONFIGS (default: all of CONFIGS)")
     args = ap.parse_args()
@@ -168,7 +192,8 @@ def main() -> None:
     model, tokenizer = load(args.model, dtype=args.dtype)
     dtype = next(model.parameters()).dtype
     load_before = os.getloadavg()
-    full = prefill_cache(model, tokenizer, args.context)[0] if args.real_text else fill(model, args.context, dtype)
+    full = (load_or_prefill(model, tokenizer, args.context, args.cache_file) if args.real_text
+            else fill(model, args.context, dtype))
     full_bytes = full_cache_bytes(full)
     bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()
     layers = get_adapter(model).num_layers
@@ -185,8 +210,20 @@ def main() -> None:
     runs = [("full (DynamicCache, SDPA)", None, copy.deepcopy(full), contextlib.nullcontext),
             ("full (DynamicCache) + grouped dense attention", None, copy.deepcopy(full),
              lambda: attention_override(model, {i: grouped for i in range(layers)}))]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if any(p not in PATHS for p in paths):
+        raise SystemExit(f"--paths: unknown {paths}; known: {PATHS}")
+
+    @contextlib.contextmanager
+    def kv_scope(cfg: KVQuant, path: str):
+        with kv_cache(model, cfg), force_path(path):
+            yield
+
     for name, cfg in speed_configs(args.configs).items():
-        runs.append((name, cfg, QuantizedKVCache.from_cache(model, cfg, full), lambda c=cfg: kv_cache(model, c)))
+        for path in paths:
+            label = name if path == paths[0] else f"{name} [path={path}]"
+            runs.append((label, cfg, QuantizedKVCache.from_cache(model, cfg, full),
+                         lambda c=cfg, p=path: kv_scope(c, p)))
     times: dict[str, list[float]] = {name: [] for name, *_ in runs}
     cpu: dict[str, list[float]] = {name: [] for name, *_ in runs}
     tok = torch.tensor([[42]])
@@ -213,6 +250,7 @@ def main() -> None:
                "cpu_ms_all": [1e3 * t for t in cpu[name]]}
         if cfg is not None:
             row["kv_quant"] = cfg.to_dict()
+            row["path"] = name.split("[path=")[1].rstrip("]") if "[path=" in name else paths[0]
         rows.append(row)
         print(f"{name:48s} {row['bytes_per_token']:9.1f} B/token  {row['ratio_vs_bf16']:.3f}x bf16  "
               f"{row['tok_per_s']:.3f} tok/s ({row['speed_vs_best_full']:.2f}x best full; CPU "
@@ -224,7 +262,7 @@ def main() -> None:
                    + "; bytes measured from the tensors held; decode steps timed round-robin across configurations; "
                    "wall and process CPU time per step",
            "command": "python " + shlex.join(sys.argv), "machine": machine_info(args.dtype),
-           "loadavg_before_after": [load_before, os.getloadavg()]}
+           "paths": paths, "loadavg_before_after": [load_before, os.getloadavg()]}
     if args.json:
         write_json_atomic(args.json, out)
 

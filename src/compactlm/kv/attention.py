@@ -8,14 +8,41 @@ the extra memory is one chunk. :func:`reference_attention` is the plain path it 
 
 GQA is handled by folding the query heads of each KV head into the query-token dim, which never
 materialises the repeated keys (PROTOCOL ATTN-decode: the grouped form is the fast dense baseline).
+
+Two paths read the store (same math up to fp rounding): ``"folded"`` (the default,
+:mod:`compactlm.kernels.kv_decode`: scales folded into the query and the probabilities for uniform and
+per-channel-width keys alike, metadata decoded once per span of chunks) and ``"chunked"`` (the earlier one:
+per chunk, uniform keys folded, mixed-width and pre-RoPE keys dequantized then multiplied).
+:func:`force_path` picks one for a block (tests, benchmarks). Pre-RoPE keys are dequantized and re-rotated
+on both paths (RoPE mixes channel pairs, so their scales cannot fold into the query).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
+from ..kernels.kv_decode import SPAN_CHUNKS, key_terms, span_key_scores, span_values
 from .cache import QuantizedKVLayer
 from .quantizer import QuantizedKV, hadamard, unpack_to
+
+PATHS = ("folded", "chunked")
+_FORCE: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def force_path(path: str | None) -> Iterator[None]:
+    """Run every :func:`quantized_decode_attention` inside the block on ``path`` (one of :data:`PATHS`)."""
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    old = _FORCE[0]
+    _FORCE[0] = path
+    try:
+        yield
+    finally:
+        _FORCE[0] = old
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -93,12 +120,17 @@ def _folded_values(p: torch.Tensor, qv: QuantizedKV, start: int, end: int, dtype
 
 
 def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, scaling: float,
-                               mask: torch.Tensor | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+                               mask: torch.Tensor | None = None, chunk_tokens: int | None = None,
+                               path: str | None = None) -> torch.Tensor:
     """Attention of ``query`` (B, H, Tq, D) over everything ``layer`` holds -> (B, Tq, H, D).
 
     ``mask`` (B, 1, Tq, T_total) bool in cache order (sinks, store, window), or None. Chunks of the
-    store are read in the query's dtype; softmax statistics and the accumulator stay fp32.
+    store are read in the query's dtype; softmax statistics and the accumulator stay fp32. ``path``:
+    ``"folded"`` (default) or ``"chunked"`` (module docstring); :func:`force_path` overrides it.
     """
+    path = _FORCE[0] or path or "folded"
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     b, h, tq, d = query.shape
     hkv = layer.keys.shape[1]
     rep = h // hkv
@@ -128,15 +160,28 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
         return pv if rot is None else pv @ rot
 
     exact(layer.sink_k, layer.sink_v)
-    for start in range(0, layer.quantized_length, chunk):
-        end = min(start + chunk, layer.quantized_length)
-        if layer.cfg.pre_rope or not isinstance(layer.qk, QuantizedKV):
-            # RoPE mixes channel pairs, and mixed-width keys have no single code tensor: dequantize, then attend
-            scores = (q @ layer.dequantized_keys(start, end, dt).transpose(-1, -2)).float()
-        else:
-            scores = _folded_key_scores(q, layer.qk, start, end)
-        acc.add(masked(scores), lambda p, s=start, e=end: rotate_back(_folded_values(p, layer.qv, s, e, dt)))
-        offset += end - start
+    if path == "folded":
+        terms = None if layer.cfg.pre_rope or layer.qk is None else key_terms(q, layer.qk)
+        span = chunk * SPAN_CHUNKS
+        for start in range(0, layer.quantized_length, span):
+            end = min(start + span, layer.quantized_length)
+            if terms is None:  # pre-RoPE: dequantize and re-rotate each chunk of keys
+                scores = torch.cat([(q @ layer.dequantized_keys(c, min(c + chunk, end), dt).transpose(-1, -2))
+                                    .float() for c in range(start, end, chunk)], -1)
+            else:
+                scores = span_key_scores(q, layer.qk, *terms, start, end, chunk)
+            acc.add(masked(scores), lambda p, s=start, e=end: rotate_back(span_values(p, layer.qv, s, e, chunk, dt)))
+            offset += end - start
+    else:
+        for start in range(0, layer.quantized_length, chunk):
+            end = min(start + chunk, layer.quantized_length)
+            if layer.cfg.pre_rope or not isinstance(layer.qk, QuantizedKV):
+                # RoPE mixes channel pairs, and mixed-width keys have no single code tensor: dequantize, then attend
+                scores = (q @ layer.dequantized_keys(start, end, dt).transpose(-1, -2)).float()
+            else:
+                scores = _folded_key_scores(q, layer.qk, start, end)
+            acc.add(masked(scores), lambda p, s=start, e=end: rotate_back(_folded_values(p, layer.qv, s, e, dt)))
+            offset += end - start
     exact(layer.keys, layer.values)
     out = acc.result().reshape(b, h, tq, d)
     return out.transpose(1, 2).to(query.dtype)

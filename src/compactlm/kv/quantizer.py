@@ -200,15 +200,28 @@ def hadamard(n: int, device=None) -> torch.Tensor:
 
 
 _LUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+# a table row of 8/bits codes in the output dtype read as one integer, so the lookup is a 1-D gather
+_WIDE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def unpack_to(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`unpack_codes` straight to ``dtype`` codes with one table lookup per byte (no shift passes)."""
+    """:func:`unpack_codes` straight to ``dtype`` codes with one table lookup per byte (no shift passes).
+
+    Where a byte's ``8 / bits`` codes in ``dtype`` fit one machine integer (2-bit bf16/fp16: 8 bytes; 4-bit
+    bf16: 4; 4-bit fp32: 8), the table is a (256,) integer tensor and the lookup one ``index_select`` over the
+    flat bytes, reinterpreted as ``dtype``: ~3.5x faster than ``embedding`` over (256, 8/bits) rows on this
+    project's CPU (46 vs 160 µs for a 3 × 1024 × 16-byte value chunk, 1 thread). Bit-exact either way.
+    """
     key = (bits, dtype, packed.device)
     lut = _LUTS.get(key)
     if lut is None:  # row b = the 8/bits codes byte b holds, in pack order
         lut = unpack_codes(torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None], bits).to(dtype)
+        wide = _WIDE.get(lut.shape[-1] * lut.element_size())
+        lut = lut.contiguous().view(wide).reshape(256) if wide is not None else lut
         _LUTS[key] = lut
+    if lut.dim() == 1:
+        flat = lut.index_select(0, packed.reshape(-1).to(torch.int32))  # (N,) one integer per byte
+        return flat.view(dtype).reshape(*packed.shape[:-1], -1)
     out = torch.nn.functional.embedding(packed.long(), lut)  # (..., D·bits/8, 8/bits)
     return out.reshape(*packed.shape[:-1], -1)
 
