@@ -24,7 +24,11 @@ from ..errors import ConfigError
 from .common import add_bench_args, add_common, emit_json, interleaved_ms, print_table
 from .common import parse_lengths as common_parse_lengths
 
-METHODS = ("sals", "sals-index", "sals-index-mean", "quest", "streaming", "oracle")
+METHODS = ("sals", "sals-index", "sals-index-mean", "sals-cpu", "sals-index-cpu", "sals-index-mean-cpu",
+           "sals-index-narrow-cpu", "sals-index-mean-narrow-cpu", "quest", "streaming", "oracle")
+# "-cpu": the same SALS step with impl="cpu" (compiled top-k and select-gather-attend, kernels/sparse_decode_cpu.py).
+# "-narrow": an index-mode cache that stores only the r* scoring columns of the latent (all index mode reads), so the
+# scoring GEMM streams contiguous rows; the runtime cache (attention/sals_cache.py) stores all r columns today.
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -66,10 +70,14 @@ def _method_fn(name: str, c: dict[str, Any], scaling: float) -> Callable[[], Any
     qc, qs = c["cos"][-1:][None], c["sin"][-1:][None]
     if name.startswith("sals"):
         keys = k if name.startswith("sals-index") else None
-        if name.endswith("-mean"):
+        impl = "cpu" if name.endswith("-cpu") else "torch"
+        if "-mean" in name:
             p = dataclasses.replace(p, pool="mean")
-        return lambda: sals_decode(q, qc, qs, c["latent"], v, c["pos"], c["proj"], c["r_star"], c["cos"], c["sin"],
-                                   p, scaling, keys=keys, buffers=buf)
+        latent, proj = c["latent"], c["proj"]
+        if "-narrow" in name:
+            latent, proj = latent[..., :c["r_star"]].contiguous(), proj[..., :c["r_star"]].contiguous()
+        return lambda: sals_decode(q, qc, qs, latent, v, c["pos"], proj, c["r_star"], c["cos"], c["sin"],
+                                   p, scaling, keys=keys, buffers=buf, impl=impl)
     if name == "streaming":
         idx = streaming_tokens(length, p.sink, p.k + p.recent, b, hkv)
         return lambda: sparse_gather_decode(q, k, v, idx, scaling, buffers=buf)
@@ -100,7 +108,7 @@ def _ideal(name: str, c: dict[str, Any]) -> float:
         "quest": 2 * hkv * (length // 16) * d * e + hkv * (-(-p.k // 16) * 16) * 2 * d * e,
         "streaming": hkv * n * 2 * d * e,
         "oracle": hkv * length * d * e + hkv * n * d * e,
-    }[name]
+    }[name.removesuffix("-cpu").removesuffix("-narrow")]
     return dense / read
 
 
