@@ -19,6 +19,12 @@ model's own shape and dtype (bytes and step cost do not depend on the values), t
 
 Each step is timed twice: wall clock and this process's CPU time (``time.process_time``). With one torch
 thread on a machine shared with other jobs, the CPU time is the less load-dependent figure; both are reported.
+``--paths folded,chunked`` times each quantized setting on both decode paths of ``quantized_decode_attention``
+(a row per setting and path), ``--cache-file`` keeps the real-text prefill between runs:
+
+    python benchmarks/kv_bytes_speed.py --context 8192 --real-text --threads 1 --steps 6 \
+        --configs int4-g32-r128,int2-g32-r128,int2-mixed,int2-mixed-c8192 --paths folded,chunked \
+        --cache-file /tmp/kv8k_wiki.pt --json benchmarks/results/kv/kv_speed_8k_folded_epyc.json
 """
 
 from __future__ import annotations
