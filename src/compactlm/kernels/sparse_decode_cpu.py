@@ -8,7 +8,7 @@ chosen keys out before ``q·kᵀ`` (1.0 ms), the fp32 softmax (0.5 ms) and the v
 C++ loops replace them:
 
 - :func:`pooled_topk`: per KV head, the max over its query heads' scores, mapped to order-preserving uint32
-  keys, then the n-th largest key by bisection on its bits (each step one vectorised counting pass) and one pass
+  keys, then the n-th largest key by a search on its bits (two bits per vectorised counting pass) and one pass
   that emits every
   slot above it plus the first slots equal to it. The same set as ``topk`` up to ties at the n-th value, in
   ascending slot order (which also makes the gathers that follow read the cache front to back).
@@ -269,7 +269,7 @@ void attend_avx512(const T* q, const T* k, const T* v, const int64_t* idx, const
 #endif
 
 // Order-preserving uint32 key of a float: positive floats get the top bit set, negative ones count down from it
-// (-0.0 and +0.0 share a key). The low 16 bits of a bf16 value's key stay zero, so 16 bisection steps suffice.
+// (-0.0 and +0.0 share a key). The low 16 bits of a bf16 value's key stay zero, so the search stops after 16 bits.
 inline uint32_t ukey(float f) {
   uint32_t u; std::memcpy(&u, &f, 4);
   const uint32_t neg = u >> 31;  // branch-free: the sign of a score is a coin flip, a branch on it mispredicts
@@ -278,46 +278,59 @@ inline uint32_t ukey(float f) {
 constexpr uint32_t FORCED = 0xFFFF0000u;  // above every non-NaN key, and keeps the low 16 bits of bf16 keys zero
 constexpr uint32_t DROPPED = 0u;          // below every key but that of -NaN
 
-// counts[h] = #{l : key[l*H + h] >= thr[h]} (strict: >) over keys laid out (L, H).
-void count_at_least(const uint32_t* key, int64_t L, int64_t H, const uint32_t* thr, bool strict, int64_t* counts) {
-  for (int64_t h = 0; h < H; ++h) counts[h] = 0;
+// counts[t*H + h] = #{l : key[l*H + h] >= thr[t*H + h]} (strict: >) for K <= 3 thresholds per head, keys (L, H).
+// Several thresholds per pass: the keys are read from cache once for K comparisons.
+void count_at_least(const uint32_t* key, int64_t L, int64_t H, const uint32_t* thr, int K, bool strict,
+                    int64_t* counts) {
+  for (int64_t i = 0; i < K * H; ++i) counts[i] = 0;
+  int64_t i = 0;
 #if defined(__AVX512F__)
   if (16 % H == 0) {  // 16 / H tokens per vector; lane j holds head j % H
-    alignas(64) uint32_t t[16];
-    for (int j = 0; j < 16; ++j) t[j] = thr[j % H];
-    const __m512i tv = _mm512_load_si512(t);
-    __m512i cnt = _mm512_setzero_si512();
-    const __m512i one = _mm512_set1_epi32(1);
-    const int64_t total = L * H;
-    int64_t i = 0;
-    for (; i + 16 <= total; i += 16) {
-      __m512i k = _mm512_loadu_si512(key + i);
-      __mmask16 m = strict ? _mm512_cmpgt_epu32_mask(k, tv) : _mm512_cmpge_epu32_mask(k, tv);
-      cnt = _mm512_mask_add_epi32(cnt, m, cnt, one);
+    __m512i tv[3], cnt[3];
+    for (int t = 0; t < K; ++t) {
+      alignas(64) uint32_t lanes[16];
+      for (int j = 0; j < 16; ++j) lanes[j] = thr[t * H + j % H];
+      tv[t] = _mm512_load_si512(lanes);
+      cnt[t] = _mm512_setzero_si512();
     }
-    alignas(64) uint32_t c[16];
-    _mm512_store_si512(c, cnt);
-    for (int j = 0; j < 16; ++j) counts[j % H] += c[j];
-    for (; i < total; ++i) counts[i % H] += strict ? key[i] > thr[i % H] : key[i] >= thr[i % H];
-    return;
+    const __m512i one = _mm512_set1_epi32(1);
+    for (; i + 16 <= L * H; i += 16) {
+      const __m512i k = _mm512_loadu_si512(key + i);
+      for (int t = 0; t < K; ++t) {
+        const __mmask16 m = strict ? _mm512_cmpgt_epu32_mask(k, tv[t]) : _mm512_cmpge_epu32_mask(k, tv[t]);
+        cnt[t] = _mm512_mask_add_epi32(cnt[t], m, cnt[t], one);
+      }
+    }
+    for (int t = 0; t < K; ++t) {
+      alignas(64) uint32_t c[16];
+      _mm512_store_si512(c, cnt[t]);
+      for (int j = 0; j < 16; ++j) counts[t * H + j % H] += c[j];
+    }
   }
 #endif
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t h = 0; h < H; ++h) counts[h] += strict ? key[l * H + h] > thr[h] : key[l * H + h] >= thr[h];
+  for (; i < L * H; ++i)
+    for (int t = 0; t < K; ++t) {
+      const uint32_t th = thr[t * H + i % H];
+      counts[t * H + i % H] += strict ? key[i] > th : key[i] >= th;
+    }
 }
 
-// Per head: the n-th largest key T by bisection on its bits (each step one vectorised counting pass over all heads),
+// Per head: the n-th largest key T by search on its bits, two per step (one vectorised counting pass over all heads),
 // then one pass that emits, in slot order, every slot with a larger key and the first slots equal to T: exactly
 // n slots, the top-n set up to ties at T. keys (L, H); out (H, n).
 void select_rows(const uint32_t* key, int64_t L, int64_t H, int64_t n, bool low_zero, int64_t* out) {
-  std::vector<uint32_t> thr(H, 0u), cand(H);
-  std::vector<int64_t> counts(H), need(H), eq(H, 0), w(H, 0);
-  for (int bit = 31; bit >= (low_zero ? 16 : 0); --bit) {
-    for (int64_t h = 0; h < H; ++h) cand[h] = thr[h] | (1u << bit);
-    count_at_least(key, L, H, cand.data(), false, counts.data());
-    for (int64_t h = 0; h < H; ++h) if (counts[h] >= n) thr[h] = cand[h];
+  std::vector<uint32_t> thr(H, 0u), cand(3 * H);
+  std::vector<int64_t> counts(3 * H);
+  std::vector<int32_t> need(H), eq(H, 0), w(H, 0);  // not int64_t: stores to out[] cannot alias them
+  for (int bit = 30; bit >= (low_zero ? 16 : 0); bit -= 2) {  // two bits per pass: 3 candidate thresholds
+    for (int t = 0; t < 3; ++t)
+      for (int64_t h = 0; h < H; ++h) cand[t * H + h] = thr[h] | (uint32_t(t + 1) << bit);
+    count_at_least(key, L, H, cand.data(), 3, false, counts.data());
+    for (int64_t h = 0; h < H; ++h)  // counts fall as the threshold rises: keep the largest one still >= n
+      for (int t = 2; t >= 0; --t)
+        if (counts[t * H + h] >= n) { thr[h] = cand[t * H + h]; break; }
   }
-  count_at_least(key, L, H, thr.data(), true, counts.data());
+  count_at_least(key, L, H, thr.data(), 1, true, counts.data());
   for (int64_t h = 0; h < H; ++h) need[h] = n - counts[h];
   auto take = [&](int64_t l, int64_t h, bool gt) {
     if (gt || eq[h] < need[h]) {
@@ -331,7 +344,7 @@ void select_rows(const uint32_t* key, int64_t L, int64_t H, int64_t n, bool low_
     alignas(64) uint32_t t[16];
     for (int j = 0; j < 16; ++j) t[j] = thr[j % H];
     const __m512i tv = _mm512_load_si512(t);
-    int64_t lane_h[16], lane_t[16];  // head and token offset of each lane: no division in the loop
+    int32_t lane_h[16], lane_t[16];  // head and token offset of each lane: no division in the loop
     for (int j = 0; j < 16; ++j) { lane_h[j] = j % H; lane_t[j] = j / H; }
     for (int64_t tok = 0; i + 16 <= L * H; i += 16, tok += 16 / H) {
       __m512i k = _mm512_loadu_si512(key + i);
