@@ -72,7 +72,7 @@ def span_key_scores(q: torch.Tensor, qk: QuantizedKV | MixedKeyStore, terms: lis
         scale, zero = store.meta(start, end, torch.float32)  # (B, Hs, groups, width)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # as dequantize_groups reads them
         rows_f = rows.float()  # (B, Hs, R, width)
-        # the scales folded into the query, once per group: fp32 then one cast (bf16 broadcasts are slow on CPU)
+        # the scales folded into the query, once per group, in fp32 and cast once for the bf16 products
         folded.append(((scale.unsqueeze(-2) * rows_f.unsqueeze(2)).to(dt), store))  # (B, Hs, groups, R, width)
         bias += zero @ rows_f.transpose(-1, -2)  # Σ_d q_d z_{g,d}: (B, Hs, groups, R)
     if rows0 is not None:  # 0-bit channels: every token of a group reads the group mean
