@@ -83,7 +83,8 @@ def span_key_scores(q: torch.Tensor, qk: QuantizedKV | MixedKeyStore, terms: lis
         gs = slice((c0 - start) // g, (c1 - start) // g)
         for qs, store in folded:
             codes = unpack_to(store.packed[..., c0:c1, :], store.bits, dt)  # (B, Hs, C, width)
-            out[:, :, gs] += qs[:, :, gs] @ codes.view(b, hs, -1, g, qs.shape[-1]).transpose(-1, -2)  # (.., R, G)
+            part = out[:, :, gs]  # a view: `out[...] += x` would also copy the sum back onto itself
+            part += qs[:, :, gs] @ codes.view(b, hs, -1, g, qs.shape[-1]).transpose(-1, -2)  # (.., C/G, R, G)
     return out.permute(0, 1, 3, 2, 4).reshape(b, hkv, n, t)  # Hs·R = H_kv·n rows, head-major either way
 
 
