@@ -18,8 +18,9 @@ its 433 CPU-ms per 8K step went to that dequantize-and-scatter (``benchmarks/res
 
 The store is read in spans of :data:`SPAN_CHUNKS` chunks: the metadata of a span is decoded in one pass
 (the 1-byte format costs ~15 small ops per decode, which at one query token cost more than its arithmetic),
-codes one chunk at a time, and the span's scores (``H·n × span`` fp32) go through one online-softmax update.
-Working memory beyond the scores: one chunk of codes and the decoded metadata of one span.
+codes at most one chunk of the layer's keys (``chunk × H_kv·D`` codes) or values at a time — a narrow key width
+class in longer pieces — and the span's scores (``H·n × span`` fp32) go through one online-softmax update.
+Working memory beyond the scores: one chunk's worth of codes and the decoded metadata of one span.
 :func:`compactlm.kv.attention.reference_attention` is the plain path the tests hold this to.
 """
 
@@ -61,7 +62,7 @@ def key_terms(q: torch.Tensor, qk: QuantizedKV | MixedKeyStore) -> tuple[list[Ke
 def span_key_scores(q: torch.Tensor, qk: QuantizedKV | MixedKeyStore, terms: list[KeyTerm],
                     rows0: torch.Tensor | None, start: int, end: int, chunk: int) -> torch.Tensor:
     """Scores ``q · k_t`` of the stored keys ``[start, end)`` (group edges) -> fp32 (B, H_kv, n, end-start)."""
-    b, hkv, n, _ = q.shape
+    b, hkv, n, d = q.shape
     dt = q.dtype
     g = qk.group_size
     hs, r = terms[0][0].shape[1:3] if terms else (1, hkv * n)
@@ -78,13 +79,17 @@ def span_key_scores(q: torch.Tensor, qk: QuantizedKV | MixedKeyStore, terms: lis
     if rows0 is not None:  # 0-bit channels: every token of a group reads the group mean
         bias += qk.means[..., start // g: end // g, :].float() @ rows0.float().transpose(-1, -2)
     out = bias.unsqueeze(-1).repeat(1, 1, 1, 1, g)  # (B, Hs, groups, R, G), a copy
-    for c0 in range(start, end, chunk):
-        c1 = min(c0 + chunk, end)
-        gs = slice((c0 - start) // g, (c1 - start) // g)
-        for qs, store in folded:
+    for qs, store in folded:
+        width = qs.shape[-1]
+        # a piece expands at most one chunk of the layer's keys (chunk × H_kv·D codes), as the chunked path's
+        # dequantized chunk did: a narrow width class (the 4-bit one) is read in fewer, longer pieces
+        piece = max(g, chunk * hkv * d // (hs * width) // g * g)
+        for c0 in range(start, end, piece):
+            c1 = min(c0 + piece, end)
+            gs = slice((c0 - start) // g, (c1 - start) // g)
             codes = unpack_to(store.packed[..., c0:c1, :], store.bits, dt)  # (B, Hs, C, width)
             part = out[:, :, gs]  # a view: `out[...] += x` would also copy the sum back onto itself
-            part += qs[:, :, gs] @ codes.view(b, hs, -1, g, qs.shape[-1]).transpose(-1, -2)  # (.., C/G, R, G)
+            part += qs[:, :, gs] @ codes.view(b, hs, -1, g, width).transpose(-1, -2)  # (.., C/G, R, G)
     return out.permute(0, 1, 3, 2, 4).reshape(b, hkv, n, t)  # Hs·R = H_kv·n rows, head-major either way
 
 
