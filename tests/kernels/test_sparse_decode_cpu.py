@@ -42,7 +42,7 @@ def _assert_same_up_to_ties(keys, got, ref):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hkv,g", [(2, 4), (3, 3), (8, 4), (16, 1)])
+@pytest.mark.parametrize("hkv,g", [(2, 4), (3, 3), (8, 3), (8, 4), (8, 5), (16, 1)])
 @pytest.mark.parametrize("length", [301, 1027])
 def test_pooled_topk_same_set_as_topk(dtype, hkv, g, length):
     """Both pooling paths (G > 1 in C++, G = 1 pre-pooled), the vector path (16 % H_kv == 0) and the scalar one."""

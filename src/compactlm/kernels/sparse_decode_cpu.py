@@ -365,6 +365,43 @@ void select_rows(const uint32_t* key, int64_t L, int64_t H, int64_t n, bool low_
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(w[h] == n, "pooled_topk: selected ", w[h], " of ", n, " slots");
 }
 
+#if defined(__AVX512BW__)
+// Max over G query heads of bf16 scores laid out (L, G, H) -> keys (L, H), 16 lanes at a time: P = 16 / H tokens'
+// G * H scores are 16 G contiguous bf16 (two registers for G <= 4), and one two-register permute per g puts
+// head h of token t in lane t * H + h. Returns the tokens done (a multiple of P); the caller finishes the rest.
+int64_t pool_keys_bf16(const c10::BFloat16* s, int64_t L, int64_t G, int64_t H, uint32_t* keys) {
+  if (16 % H != 0 || G > 4) return 0;
+  const int64_t P = 16 / H;
+  __m512i perm[4];
+  for (int64_t g = 0; g < G; ++g) {
+    alignas(64) uint16_t ix[32] = {};
+    for (int j = 0; j < 16; ++j) ix[j] = uint16_t((j / H) * G * H + g * H + j % H);
+    perm[g] = _mm512_load_si512(ix);
+  }
+  const __mmask32 lo = (G * H * P > 32) ? 0xFFFFFFFFu : ((1ull << (G * H * P)) - 1);
+  const __mmask32 hi = (G * H * P > 32) ? __mmask32((1ull << (G * H * P - 32)) - 1) : 0;
+  int64_t l = 0;
+  for (; l + P <= L; l += P) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(s + l * G * H);
+    const __m512i a = _mm512_maskz_loadu_epi16(lo, src), b = _mm512_maskz_loadu_epi16(hi, src + 32);
+    __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i x = _mm512_castsi512_si256(_mm512_permutex2var_epi16(a, perm[g], b));
+      best = _mm512_max_ps(best, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
+    }
+    // ukey, lane-wise: 0x80000000 + ((u & 0x7FFFFFFF) ^ -sign) + sign
+    const __m512i u = _mm512_castps_si512(best);
+    const __m512i sign = _mm512_srli_epi32(u, 31);
+    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i k = _mm512_add_epi32(_mm512_add_epi32(_mm512_xor_si512(mag, _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                                                                  sign)), sign),
+                                       _mm512_set1_epi32(int32_t(0x80000000u)));
+    _mm512_storeu_si512(keys + l * H, k);
+  }
+  return l;
+}
+#endif
+
 template <typename T>
 void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, const bool* forced,
                       const bool* valid, int64_t n, int64_t* out) {
@@ -377,7 +414,11 @@ void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, co
         uint32_t* kp = keys.data();
         for (int64_t i = 0; i < L * H; ++i) kp[i] = ukey(load1(sb + i));
       } else {
-        for (int64_t l = 0; l < L; ++l)
+        int64_t l0 = 0;
+#if defined(__AVX512BW__)
+        if constexpr (std::is_same_v<T, c10::BFloat16>) l0 = pool_keys_bf16(sb, L, G, H, keys.data());
+#endif
+        for (int64_t l = l0; l < L; ++l)
           for (int64_t h = 0; h < H; ++h) {
             float best = float(load1(sb + l * G * H + h));
             for (int64_t g = 1; g < G; ++g) best = std::max(best, float(load1(sb + (l * G + g) * H + h)));
@@ -549,7 +590,8 @@ def sals_select_cpu(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torc
     The same selection as ``select(pooled_latent_scores(...), params, ...)`` of :mod:`.sparse_decode` up to ties
     at the n-th score, for token selection (``block == 1``) with ``pool`` "max" or "mean". The scoring GEMM
     writes into a reused buffer (a fresh 2 MB output per step cost page faults), the max over each KV head's
-    query heads is a chain of elementwise maxima, and :func:`pooled_topk` does the rest.
+    query heads is folded into :func:`pooled_topk` (bf16) or a chain of elementwise maxima, and
+    :func:`pooled_topk` does the rest.
     """
     from ..attention.selection import forced_mask
     from .sparse_decode import latent_queries
@@ -565,7 +607,9 @@ def sals_select_cpu(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torc
     for i in range(b):
         torch.mm(z_score[i], cols[i].to(z_score.dtype).t(), out=scores[i])
     pooled = scores
-    if gq > 1:
+    # The C++ pools bf16 scores itself when 16 % H_kv == 0 and G <= 4 (one pass, vectorised); otherwise a chain of
+    # torch maxima is faster than its scalar loop.
+    if gq > 1 and not (scores.dtype == torch.bfloat16 and 16 % hkv == 0 and gq <= 4):
         s4 = scores.view(b, length, gq, hkv)
         pooled = buffers.get("cpu_pooled", (b, length, hkv), scores.dtype, scores.device)
         torch.maximum(s4[:, :, 0], s4[:, :, 1], out=pooled)
