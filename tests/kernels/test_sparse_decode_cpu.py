@@ -60,6 +60,9 @@ def test_pooled_topk_same_set_as_topk(dtype, hkv, g, length):
     pre = cpu.pooled_topk(pooled.transpose(1, 2).contiguous(), hkv, n, forced_mask(length, sink, recent, positions,
                                                                                    valid), valid)
     assert torch.equal(pre, got)
+    unpadded = cpu.pooled_topk(scores, hkv, n, sink_slots=sink, recent_slots=recent)  # slot ranges, no mask tensor
+    ref_unpadded = topk_tokens(pooled, k, sink, recent)
+    _assert_same_up_to_ties(_masked_keys(pooled, sink, recent, None, None), unpadded, ref_unpadded)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -404,7 +404,7 @@ int64_t pool_keys_bf16(const c10::BFloat16* s, int64_t L, int64_t G, int64_t H, 
 
 template <typename T>
 void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, const bool* forced,
-                      const bool* valid, int64_t n, int64_t* out) {
+                      const bool* valid, int64_t n, int64_t sink_slots, int64_t recent_slots, int64_t* out) {
   const bool bf16 = std::is_same_v<T, c10::BFloat16>;
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     std::vector<uint32_t> keys(L * H);
@@ -426,7 +426,7 @@ void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, co
           }
       }
       for (int64_t l = 0; l < L; ++l) {  // forced (sink, recent) above all, padding below all; forced wins
-        const bool f = forced && forced[b * L + l];
+        const bool f = (forced && forced[b * L + l]) || l < sink_slots || l >= L - recent_slots;
         if (f || (valid && !valid[b * L + l]))
           for (int64_t h = 0; h < H; ++h) keys[l * H + h] = f ? FORCED : DROPPED;
       }
@@ -478,7 +478,7 @@ torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor v
 }
 
 torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10::optional<torch::Tensor> forced,
-                          c10::optional<torch::Tensor> valid) {
+                          c10::optional<torch::Tensor> valid, int64_t sink_slots, int64_t recent_slots) {
   TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous(), "pooled_topk: scores must be contiguous (B, L, G*H_kv)");
   const int64_t B = scores.size(0), L = scores.size(1), H = kv_heads, G = scores.size(2) / kv_heads;
   TORCH_CHECK(G * H == scores.size(2) && n >= 1 && n <= L, "pooled_topk: shapes");
@@ -492,7 +492,8 @@ torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10
   const bool* ok = flag(valid, "valid");
   auto out = torch::empty({B, H, n}, scores.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "pooled_topk", [&] {
-    pooled_topk_impl<scalar_t>(scores.data_ptr<scalar_t>(), B, L, G, H, f, ok, n, out.data_ptr<int64_t>());
+    pooled_topk_impl<scalar_t>(scores.data_ptr<scalar_t>(), B, L, G, H, f, ok, n, sink_slots, recent_slots,
+                               out.data_ptr<int64_t>());
   });
   return out;
 }
@@ -503,7 +504,7 @@ torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor v
                             c10::optional<torch::Tensor> valid, double scaling, int64_t prefetch,
                             int64_t prefetch_l2);
 torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10::optional<torch::Tensor> forced,
-                          c10::optional<torch::Tensor> valid);
+                          c10::optional<torch::Tensor> valid, int64_t sink_slots, int64_t recent_slots);
 """
 
 _LOCK = threading.Lock()
@@ -549,20 +550,24 @@ def available() -> bool:
 
 
 def pooled_topk(scores: torch.Tensor, kv_heads: int, n: int, forced: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, sink_slots: int = 0, recent_slots: int = 0) -> torch.Tensor:
     """Slots (B, H_kv, n), ascending, of the n best max-pooled scores per KV head.
 
     scores (B, L, G·H_kv) token-major with columns ordered (G, H_kv) (as
     :func:`compactlm.kernels.sparse_decode.latent_scores` returns them); forced (B, L) bool slots always taken
-    (sink and recent), valid (B, L) bool real tokens (others rank last). The same set as
-    ``topk_tokens(pooled, k, sink, recent, positions, valid)`` up to ties at the n-th value.
+    (sink and recent), valid (B, L) bool real tokens (others rank last); ``sink_slots``/``recent_slots`` force
+    the first/last slots without a mask tensor (what ``forced_mask`` gives when nothing is padded). The same set
+    as ``topk_tokens(pooled, k, sink, recent, positions, valid)`` up to ties at the n-th value.
     """
     b, length = scores.shape[:2]
 
     def flag(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.expand(b, length).contiguous()
 
-    return _build().pooled_topk(scores.reshape(b, length, -1).contiguous(), kv_heads, n, flag(forced), flag(valid))
+    if sink_slots < 0 or recent_slots < 0:
+        raise ConfigError(f"pooled_topk: sink_slots/recent_slots must be >= 0, got {sink_slots}, {recent_slots}")
+    return _build().pooled_topk(scores.reshape(b, length, -1).contiguous(), kv_heads, n, flag(forced), flag(valid),
+                                int(sink_slots), int(recent_slots))
 
 
 def attend_chosen(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, scaling: float,
@@ -616,5 +621,6 @@ def sals_select_cpu(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torc
         for j in range(2, gq):
             torch.maximum(pooled, s4[:, :, j], out=pooled)
     n = min(length, params.k + params.sink + params.recent)
-    forced = forced_mask(length, params.sink, params.recent, positions, valid)
-    return pooled_topk(pooled, hkv, n, forced, valid)
+    if valid is None:  # no padding: sinks are the first slots (forced_mask's rule), no mask tensor needed
+        return pooled_topk(pooled, hkv, n, sink_slots=params.sink, recent_slots=params.recent)
+    return pooled_topk(pooled, hkv, n, forced_mask(length, params.sink, params.recent, positions, valid), valid)
