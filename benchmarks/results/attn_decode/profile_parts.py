@@ -25,7 +25,7 @@ import torch
 
 
 def pool_chain(scores: torch.Tensor, gq: int, hkv: int, bufs) -> torch.Tensor:
-    """Max over the G query heads of each KV head, as sals_select_cpu does it (nothing to do for mean pooling)."""
+    """Max over the G query heads of each KV head with torch maxima (sals_select_cpu's path where the C++ cannot)."""
     if gq == 1:
         return scores
     b, length = scores.shape[:2]
@@ -37,7 +37,7 @@ def pool_chain(scores: torch.Tensor, gq: int, hkv: int, bufs) -> torch.Tensor:
 
 
 def profile(length: int, pool: str, rounds: int) -> dict[str, float]:
-    from compactlm.attention.selection import forced_mask, topk_tokens
+    from compactlm.attention.selection import topk_tokens
     from compactlm.cli.bench_decode import _case
     from compactlm.kernels import sparse_decode_cpu as cpu
     from compactlm.kernels.sparse_decode import (
@@ -84,10 +84,12 @@ def profile(length: int, pool: str, rounds: int) -> dict[str, float]:
         gq = cols.shape[1] // hkv
         scores = bufs.get("s", (b, length, gq * hkv), zs.dtype, zs.device)
         timed("cpu: scoring GEMM (into a reused buffer)", torch.mm, zs[0], cols[0].t(), out=scores[0])
-        pooled_c = timed("cpu: max over query heads", pool_chain, scores, gq, hkv, bufs)
-        forced = timed("cpu: forced mask", forced_mask, length, p.sink, p.recent, pos, None)
-        idx_c = timed("cpu: pooled_topk (C++)", cpu.pooled_topk, pooled_c, hkv, n, forced)
+        # bf16 with 16 % H_kv == 0 and G <= 4: the C++ pools; no padding: sink/recent as slot ranges (as
+        # sals_select_cpu does)
+        idx_c = timed("cpu: pooled_topk incl. pooling (C++)", cpu.pooled_topk, scores, hkv, n, sink_slots=p.sink,
+                      recent_slots=p.recent)
         timed("cpu: attend_chosen (C++)", cpu.attend_chosen, q_g, k, v, idx_c, sc)
+        timed("(torch maxima chain, for comparison; not used)", pool_chain, scores, gq, hkv, bufs)
         step = (q, qc, qs, lat, v, pos, proj, rs, c["cos"], c["sin"], p, sc)
         timed("whole sals_decode impl=torch", sals_decode, *step, keys=k, buffers=bufs_t, impl="torch")
         timed("whole sals_decode impl=cpu", sals_decode, *step, keys=k, buffers=bufs, impl="cpu")
