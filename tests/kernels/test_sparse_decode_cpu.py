@@ -189,3 +189,27 @@ def test_build_failure_raises_instead_of_falling_back(monkeypatch):
     with pytest.raises(cpu.CpuKernelBuildError, match="impl='torch'"):
         sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, params, 0.2, impl="cpu")
     assert not cpu.available()
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_cached_projection_follows_in_place_changes(impl):
+    """sals_decode keeps the projection's contiguous scoring columns per buffers object: reused while the tensor is
+    the same and unmodified, rebuilt after an in-place change or for another r*."""
+    from compactlm.kernels.sparse_decode import DecodeBuffers
+
+    q, qc, qs, latent, values, pos, proj, ct, st, _ = _inputs(1, 4, 2, 32, 120, 16, torch.float64)
+    keys = torch.randn(1, 2, 120, 32, dtype=torch.float64)
+    p = SelectParams(k=15, sink=2, recent=4)
+    bufs = DecodeBuffers()
+    step = dict(keys=keys, buffers=bufs, impl=impl)
+    first, _ = sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, p, 0.2, **step)
+    cached = bufs.derived_store["proj_score"][3]
+    again, _ = sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, p, 0.2, **step)
+    assert torch.equal(first, again) and bufs.derived_store["proj_score"][3] is cached
+    proj.mul_(-1.0)  # in place: the scores flip sign, so the selection must change
+    flipped, idx = sals_decode(q, qc, qs, latent, values, pos, proj, 8, ct, st, p, 0.2, **step)
+    ref, ridx = sals_decode_reference(q, qc, qs, latent, values, pos, proj, 8, ct, st, p, 0.2, keys=keys)
+    assert torch.equal(idx.sort(-1).values, ridx.sort(-1).values)
+    assert torch.allclose(flipped, ref, atol=1e-10) and not torch.allclose(flipped, first)
+    sals_decode(q, qc, qs, latent, values, pos, proj, 4, ct, st, p, 0.2, **step)
+    assert bufs.derived_store["proj_score"][3].shape[-1] == 4
