@@ -58,7 +58,7 @@ def profile(length: int, pool: str, rounds: int) -> dict[str, float]:
     p = dataclasses.replace(c["params"], pool=pool)
     qc, qs = c["cos"][-1:][None], c["sin"][-1:][None]
     sc = d ** -0.5
-    ps, zs = proj[:, :, :rs], lat[:, :, :rs]
+    ps, zs = proj[:, :, :rs].contiguous(), lat[:, :, :rs]  # sals_decode keeps this copy per layer (derived)
     n = p.k + p.sink + p.recent
     parts: dict[str, list[float]] = {}
 
