@@ -45,7 +45,11 @@ class KVQuant(BaseConfig):
             (``compactlm.kv.key_bits``; KVQuant §3.3's sensitivity weighting, spent on bit widths).
         fused_attention: decode attention reads the quantized store chunk by chunk (no full
             dequantized copy); False returns dequantized keys/values to the model's own attention.
-        chunk_tokens: tokens dequantized at a time by the fused attention (a multiple of group_size).
+        chunk_tokens: tokens of the store read at a time by the fused attention (a multiple of group_size).
+            8,192 by default: at one query token the per-chunk op count, not the arithmetic, set the cost
+            (int2-mixed at 8K: 232 CPU-ms per step with 1,024-token chunks, 187 with 8,192 = 0.51× the full
+            cache; docs/kv-cache.md, "Decode speed of the quantized cache"), and a chunk's expanded codes are
+            small (8,192 × H_kv·D values: 3 MB on the default model).
     """
 
     bits: int = 2
@@ -61,7 +65,7 @@ class KVQuant(BaseConfig):
     value_rotation: bool = False
     key_allocation: str = "uniform"
     fused_attention: bool = True
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8):
