@@ -7,14 +7,14 @@ scores over each KV head's query heads (0.5 ms), ``topk`` over 8 × 32K scores (
 chosen keys out before ``q·kᵀ`` (1.0 ms), the fp32 softmax (0.5 ms) and the value gather (1.2 ms). Two small
 C++ loops replace them:
 
-- :func:`pooled_topk`: per KV head, the max over its query heads' scores, mapped to order-preserving uint32
-  keys, then the n-th largest key by a search on its bits (two bits per vectorised counting pass) and one pass
-  that emits every
-  slot above it plus the first slots equal to it. The same set as ``topk`` up to ties at the n-th value, in
-  ascending slot order (which also makes the gathers that follow read the cache front to back).
-- :func:`attend_chosen`: for each KV head, ``q·k`` over the chosen key rows read in place from the cache
-  (software prefetch a few rows ahead), softmax, and ``p·V`` over the chosen value rows, in fp32 (fp64 for
-  fp64 inputs), without copying a row out.
+- :func:`pooled_topk`: per KV head, the max over its query heads' scores (read straight from the scoring GEMM's
+  bf16 output), mapped to order-preserving uint32 keys, then the n-th largest key by a search on its bits (two
+  bits per vectorised counting pass) and one pass that emits every slot above it plus the first slots equal to
+  it. The same set as ``topk`` up to ties at the n-th value, in ascending slot order (which also makes the
+  gathers that follow read the cache front to back).
+- :func:`attend_chosen`: for each KV head, ``q·k`` over the chosen key rows read in place from the cache (rows
+  prefetched 32 ahead into L2 and 4 ahead into L1), softmax, and ``p·V`` over the chosen value rows, in fp32
+  (fp64 for fp64 inputs), without copying a row out.
 
 The C++ is built on first use with ``torch.utils.cpp_extension.load_inline`` (g++, ninja; ``-O3 -march=native``:
 it is compiled on the machine that runs it). Nothing falls back silently: ``impl="cpu"`` of
@@ -75,7 +75,7 @@ def _cpu_model() -> str:
 
 
 def available() -> bool:
-    """Whether the kernels build here (builds them once; tests and benchmarks use it to say why they skip)."""
+    """Whether the kernels build here (builds them once; a failure is remembered only as this False)."""
     try:
         _build()
     except CpuKernelBuildError:
@@ -121,7 +121,6 @@ def attend_chosen(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx
                                   int(prefetch), int(prefetch_l2))
 
 
-
 def sals_select_cpu(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torch.Tensor, params: Any,
                     positions: torch.Tensor | None, valid: torch.Tensor | None, buffers: Any) -> torch.Tensor:
     """SALS token selection (latent scores, head pooling, top-k + sink + recent) -> slots (B, H_kv, n), ascending.
@@ -146,8 +145,8 @@ def sals_select_cpu(q_pre: torch.Tensor, proj_score: torch.Tensor, z_score: torc
     for i in range(b):
         torch.mm(z_score[i], cols[i].to(z_score.dtype).t(), out=scores[i])
     pooled = scores
-    # The C++ pools bf16 scores itself when 16 % H_kv == 0 and G <= 4 (one pass, vectorised); otherwise a chain of
-    # torch maxima is faster than its scalar loop.
+    # The C++ pools bf16 scores itself when 16 % H_kv == 0 and G <= 4 (one AVX-512 pass); otherwise a chain of
+    # torch maxima is faster than its scalar loop (which is also what a CPU without AVX-512 runs for those shapes).
     if gq > 1 and not (scores.dtype == torch.bfloat16 and 16 % hkv == 0 and gq <= 4):
         s4 = scores.view(b, length, gq, hkv)
         pooled = buffers.get("cpu_pooled", (b, length, hkv), scores.dtype, scores.device)
