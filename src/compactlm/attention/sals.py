@@ -45,7 +45,7 @@ import torch
 from ..config import config_from_options as _typed_config
 from ..errors import ConfigError
 from ..evaluation.methods import RuntimeMethod, register_method
-from ..kernels.sparse_decode import DecodeBuffers, SelectParams, sals_decode
+from ..kernels.sparse_decode import DECODE_IMPLS, DecodeBuffers, SelectParams, sals_decode
 from .decode_common import CacheCapture, DecodeBudget, RopeTable, decode_inputs, resolve_count, validate_budget
 from .runtime import PhaseHandlers, register_runtime, sparse_attention
 from .sals_cache import SALSLayer, convert_cache
@@ -82,6 +82,10 @@ class SALSConfig(DecodeBudget):
     value_group: int = 32
     exact_sink: int = 0
     exact_recent: int = 0
+    # "auto": Triton on CUDA where it applies, else the tensor path; "cpu": the compiled CPU kernels
+    # (kernels.sparse_decode_cpu; 1.4-2.3x the tensor path in ATTN-decode at 32K-64K, docs/sals.md), opt-in
+    # because they are built with g++/ninja on first use and a failed build raises rather than falling back.
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,6 +120,11 @@ class SALSConfig(DecodeBudget):
         if not isinstance(self.value_group, int) or self.value_group < 1:
             raise ConfigError(f"SALSConfig.value_group must be an int ≥ 1 (channels per scale), got "
                               f"{self.value_group!r}")
+        if self.impl not in DECODE_IMPLS:
+            raise ConfigError(f"SALSConfig.impl={self.impl!r}; use one of {', '.join(DECODE_IMPLS)}")
+        if self.impl == "cpu" and (self.pool == "softmax" or self.block != 1):
+            raise ConfigError(f"SALSConfig.impl='cpu' selects tokens with max or mean GQA pooling (got pool="
+                              f"{self.pool!r}, block={self.block}); use impl='auto' for softmax pooling or blocks")
 
     @property
     def energy(self) -> float | None:
@@ -202,7 +211,8 @@ class SALSRun:
             out, _ = sals_decode(query, q_cos, q_sin, layer.latent_view(), layer.values_view(),
                                  layer.positions_view(), layer.proj, self.ranks[i][1], cos_t, sin_t, params, scaling,
                                  valid=valid, keys=layer.keys_view(),
-                                 buffers=self.buffers.setdefault(i, DecodeBuffers()), exact=layer.exact_view())
+                                 buffers=self.buffers.setdefault(i, DecodeBuffers()), exact=layer.exact_view(),
+                                 impl=self.cfg.impl)
             return out, None
 
         return decode
