@@ -44,7 +44,7 @@ from transformers import DynamicCache
 from compactlm.attention.runtime import attention_override
 from compactlm.kv import KVQuant, QuantizedKVCache, dense_grouped_attention, full_cache_bytes, kv_cache
 from compactlm.kv.attention import PATHS, force_path
-from compactlm.kv.demo_step import prefill_cache
+from compactlm.kv.demo_step import prefill_cache_saved
 from compactlm.kv.runtime import PRESETS
 from compactlm.models import get_adapter, load
 from compactlm.utils import machine_info, write_json_atomic
@@ -149,18 +149,6 @@ def speed_configs(names: str | None) -> dict[str, KVQuant]:
     return {n: known[n] for n in wanted}
 
 
-def load_or_prefill(model, tokenizer, context: int, path: str | None) -> DynamicCache:
-    """The real-text prefill cache, saved to / loaded from ``path`` (``.pt``, keys and values per layer) when given."""
-    if path and os.path.exists(path):
-        cache = DynamicCache(config=model.config)
-        for i, (k, v) in enumerate(torch.load(path)):
-            cache.update(k, v, i)
-        return cache
-    cache = prefill_cache(model, tokenizer, context)[0]
-    if path:
-        torch.save([(layer.keys, layer.values) for layer in cache.layers], path)
-    return cache
-
 
 def fill(model, context: int, dtype: torch.dtype) -> DynamicCache:
     a = get_adapter(model)
@@ -198,7 +186,7 @@ def main() -> None:
     model, tokenizer = load(args.model, dtype=args.dtype)
     dtype = next(model.parameters()).dtype
     load_before = os.getloadavg()
-    full = (load_or_prefill(model, tokenizer, args.context, args.cache_file) if args.real_text
+    full = (prefill_cache_saved(model, tokenizer, args.context, args.cache_file) if args.real_text
             else fill(model, args.context, dtype))
     full_bytes = full_cache_bytes(full)
     bf16_bytes = full_bytes * 2 // torch.tensor([], dtype=dtype).element_size()

@@ -29,14 +29,12 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from compactlm.kv import KVQuant, QuantizedKVCache, quantized_decode_attention
 from compactlm.kv.attention import _Online
-from compactlm.kv.demo_step import prefill_cache
+from compactlm.kv.demo_step import prefill_cache_saved
 from compactlm.kv.key_bits import MixedKeyStore
 from compactlm.kv.quantizer import decode_meta, unpack_codes, unpack_to
 from compactlm.kv.runtime import PRESETS
@@ -46,19 +44,6 @@ from compactlm.utils import machine_info, write_json_atomic
 STAGES = ("key_unpack", "key_meta", "key_dequant", "score_gemm", "value_unpack", "value_meta", "value_fold",
           "softmax")
 
-
-def full_cache(model, tokenizer, context: int, path: str | None) -> DynamicCache:
-    """The full-precision cache of a real prefill, saved to / loaded from ``path`` (a prefill costs ~1 CPU-minute)."""
-    if path and Path(path).exists():
-        saved = torch.load(path)
-        cache = DynamicCache(config=model.config)
-        for i, (k, v) in enumerate(saved):
-            cache.update(k, v, i)
-        return cache
-    cache = prefill_cache(model, tokenizer, context)[0]
-    if path:
-        torch.save([(layer.keys, layer.values) for layer in cache.layers], path)
-    return cache
 
 
 class Clock:
@@ -158,7 +143,7 @@ def main() -> None:
     load_before = os.getloadavg()
     cfg = (KVQuant(bits=2, **PRESETS["int2-mixed"]) if args.kv == "int2-mixed"
            else KVQuant.from_dict(__import__("json").loads(args.kv)))
-    full = full_cache(model, tokenizer, args.context, args.cache_file)
+    full = prefill_cache_saved(model, tokenizer, args.context, args.cache_file)
     cache = QuantizedKVCache.from_cache(model, cfg, full)
     a = get_adapter(model)
     gen = torch.Generator().manual_seed(0)
