@@ -153,6 +153,28 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         os.replace(tmp, path)
 
 
+class PathOverride:
+    """A process-wide kernel-path choice that a ``with`` block can force (tests and benchmarks compare paths).
+
+    ``forced`` is the path forced by the innermost active :meth:`force` block, else None (the caller decides).
+    """
+
+    def __init__(self, paths: tuple[str, ...]):
+        self.paths = tuple(paths)
+        self.forced: str | None = None
+
+    @contextlib.contextmanager
+    def force(self, path: str | None) -> Iterator[None]:
+        """Force ``path`` (one of :attr:`paths`; None = no override) inside the block, then restore the previous one."""
+        if path is not None and path not in self.paths:
+            raise ValueError(f"path must be one of {self.paths} or None, got {path!r}")
+        old, self.forced = self.forced, path
+        try:
+            yield
+        finally:
+            self.forced = old
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

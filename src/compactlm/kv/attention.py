@@ -19,30 +19,16 @@ on both paths (RoPE mixes channel pairs, so their scales cannot fold into the qu
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from ..kernels.kv_decode import SPAN_CHUNKS, key_terms, span_key_scores, span_values
+from ..utils import PathOverride
 from .cache import QuantizedKVLayer
 from .quantizer import QuantizedKV, hadamard, unpack_to
 
 PATHS = ("folded", "chunked")
-_FORCE: list[str | None] = [None]
-
-
-@contextlib.contextmanager
-def force_path(path: str | None) -> Iterator[None]:
-    """Run every :func:`quantized_decode_attention` inside the block on ``path`` (one of :data:`PATHS`)."""
-    if path is not None and path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    old = _FORCE[0]
-    _FORCE[0] = path
-    try:
-        yield
-    finally:
-        _FORCE[0] = old
+_PATH = PathOverride(PATHS)
+force_path = _PATH.force  # run every quantized_decode_attention inside a block on one path
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -128,7 +114,7 @@ def quantized_decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, sca
     store are read in the query's dtype; softmax statistics and the accumulator stay fp32. ``path``:
     ``"folded"`` (default) or ``"chunked"`` (module docstring); :func:`force_path` overrides it.
     """
-    path = _FORCE[0] or path or "folded"
+    path = _PATH.forced or path or "folded"
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     b, h, tq, d = query.shape

@@ -102,8 +102,8 @@ def kv_cache(model: nn.Module, config: KVQuant | None = None) -> Iterator[KVSess
 
 # ``--kv int2-mixed``: the recommended 2-bit cache — per-channel key bits (0/2/4 averaging 2, by query-weighted
 # range), 16 full-precision sinks, 1-byte metadata (values fitted by the x²-weighted error): 0.159x bf16 bytes at
-# 8K; RULER-syn-q -1.4 vs full at 4K (+1.0 at 2K with the unweighted fit) where uniform int2 loses 27 and 24 points
-# (docs/kv-cache.md, "Per-channel key bits" and "Where int2-mixed loses at 4K").
+# 8K; RULER-syn-q -1.4 vs full at 4K and +0.4 at 2K (+0.2 at 2K with the protocol's 20 samples) where uniform int2
+# loses 27 and 24 points (docs/kv-cache.md, "Per-channel key bits" and "Where int2-mixed loses at 4K").
 PRESETS: dict[str, dict] = {"int2-mixed": {"sinks": 16, "meta_dtype": "int4", "key_allocation": "importance"}}
 
 

@@ -22,34 +22,21 @@ once per (out, in, group) shape in this process (:func:`int4_crossover`); ``forc
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..primitives.pack import pack_int32, unpack_int32
 from ..primitives.quant import dequantize
-from ..utils import median_time
+from ..utils import PathOverride, median_time
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _CROSSOVER: dict[tuple[int, int, int], int] = {}  # (out, in, group) -> largest M where int4 is faster
-_FORCE: list[str | None] = [None]
 ALWAYS = 1 << 30  # crossover value meaning "the int4 kernel won at every measured M"
 
 
-@contextlib.contextmanager
-def force_path(path: str | None) -> Iterator[None]:
-    """Force every PackedLinear onto ``"int4"`` or ``"dequant"`` inside the block (tests, benchmarks)."""
-    if path not in (None, "int4", "dequant"):
-        raise ValueError(f"path must be 'int4', 'dequant' or None, got {path!r}")
-    old = _FORCE[0]
-    _FORCE[0] = path
-    try:
-        yield
-    finally:
-        _FORCE[0] = old
+_PATH = PathOverride(("int4", "dequant"))
+force_path = _PATH.force  # force every PackedLinear onto "int4" or "dequant" inside a block
 
 
 @torch.no_grad()
@@ -156,7 +143,7 @@ class PackedLinear(nn.Module):
                                                            self.group_size, sz)
 
     def choose_path(self, x: torch.Tensor) -> str:
-        forced = _FORCE[0]
+        forced = _PATH.forced
         if forced == "int4":
             if not self.int4_supported():
                 raise ValueError(f"the int4 path needs 2-4 bits, a CPU tensor, no g_idx and a group size in "
