@@ -216,13 +216,13 @@ def test_cached_projection_follows_in_place_changes(impl):
 
 
 def test_bench_rows_for_the_compiled_methods():
-    """The bench's -cpu and -narrow-cpu methods run and report the same ideal ratio as their tensor-path twins."""
+    """The bench's -cpu and -wide-cpu methods run and report the same ideal ratio as their tensor-path twins."""
     from compactlm.cli.bench_decode import run_bench
 
-    methods = ["sals-index", "sals-index-cpu", "sals-index-narrow-cpu", "sals-index-mean-cpu", "sals-cpu"]
+    methods = ["sals-index", "sals-index-cpu", "sals-index-wide-cpu", "sals-index-mean-cpu", "sals-cpu"]
     rows = run_bench([512], methods, torch.bfloat16, repeats=2, threads=[1])
     by = {r["method"]: r for r in rows}
     assert set(by) == set(methods)
-    assert by["sals-index-cpu"]["ideal_ratio"] == by["sals-index"]["ideal_ratio"] == by["sals-index-narrow-cpu"][
+    assert by["sals-index-cpu"]["ideal_ratio"] == by["sals-index"]["ideal_ratio"] == by["sals-index-wide-cpu"][
         "ideal_ratio"]
     assert all(r["cpu_ms"] > 0 and r["ratio_cpu"] > 0 for r in rows)

@@ -3,8 +3,9 @@
 A :class:`SALSLayer` replaces a ``DynamicLayer`` of a transformers cache in place (:func:`convert_cache`), so
 the cache object the caller holds stays the same. ``compressed`` mode stores r numbers per token for the keys
 of all KV heads together (the memory saving of arXiv 2510.24273, §4); ``index`` mode also keeps the full keys
-and uses the latent only to select. Buffers grow by doubling, so a decode step appends in O(1) amortised
-instead of concatenating the whole cache.
+and uses the latent only to select, so it stores only the r* leading latent columns the scoring reads (never
+a rebuild). Buffers grow by doubling, so a decode step appends in O(1) amortised instead of concatenating the
+whole cache.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ class SALSLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, proj: torch.Tensor, rope_table: Any, layer_idx: int, mode: str = "compressed",
-                 value_bits: int | None = None, value_group: int = 32, exact_sink: int = 0, exact_recent: int = 0):
+                 value_bits: int | None = None, value_group: int = 32, exact_sink: int = 0, exact_recent: int = 0,
+                 score_dims: int | None = None):
+        """``proj`` (n_kv, d, r); ``score_dims`` r*: in ``index`` mode only the first r* columns are kept (projected
+        and stored), since the full keys are cached and the latent only scores; None keeps all r."""
         super().__init__()
+        if mode == "index" and score_dims is not None:
+            if not 1 <= score_dims <= proj.shape[-1]:
+                raise ConfigError(f"SALSLayer: score_dims={score_dims} must be in [1, r={proj.shape[-1]}]")
+            # Index mode reads latent[..., :r*] only (scoring); the other r - r* columns were dead bytes per token
+            # and strided the scoring GEMM's reads (docs/sals.md, ATTN-decode): drop them from the projection.
+            proj = proj[..., :score_dims].contiguous()
         # Exact post-RoPE keys for the first `exact_sink` positions and a ring of the last `exact_recent` slots
         # (compressed mode): constant memory, used instead of their latent rebuild (kernels.sparse_decode.ExactKeys).
         self.exact_sink = exact_sink if mode == "compressed" else 0
@@ -35,14 +45,14 @@ class SALSLayer(CacheLayerMixin):
         self.value_bits = value_bits  # None: full-precision values; else per-token KIVI codes (kv.quantizer)
         self.value_group = value_group
         self._vq: dict[str, torch.Tensor] = {}  # packed / scale / zero, (B, n_kv, cap, ·)
-        self.proj = proj  # (n_kv, d, r), in the cache dtype
+        self.proj = proj  # (n_kv, d, r) in the cache dtype; (n_kv, d, r*) in index mode
         self.proj_f32 = proj.float()
         self.rope_table = rope_table
         self.layer_idx = layer_idx
         self.mode = mode
         self.length = 0
         self.max_pos = -1
-        self._latent: torch.Tensor | None = None  # (B, cap, r)
+        self._latent: torch.Tensor | None = None  # (B, cap, r); (B, cap, r*) in index mode
         self._values: torch.Tensor | None = None  # (B, n_kv, cap, d)
         self._keys: torch.Tensor | None = None  # (B, n_kv, cap, d), index mode only
         self._positions: torch.Tensor | None = None  # (B, cap) int32
@@ -131,7 +141,10 @@ class SALSLayer(CacheLayerMixin):
             self._exact[:, :, rows] = key_states[:, :, t - m:]
 
     def rebuild_keys(self) -> torch.Tensor:
-        """Every cached key, rebuilt from the latent and rotated at its position: (B, n_kv, L, d)."""
+        """Every cached key, rebuilt from the latent and rotated at its position: (B, n_kv, L, d) (compressed mode)."""
+        if self.mode == "index":  # its latent holds only the scoring columns; the exact keys are keys_view()
+            raise ConfigError("SALSLayer.rebuild_keys: index mode stores the full keys (keys_view()) and only r* "
+                              "latent columns, which cannot rebuild them")
         z = self.latent_view()
         k_pre = torch.einsum("blr,hdr->bhld", z, self.proj)
         cos, sin = self.rope_table.at(self.positions_view(), self.layer_idx, k_pre.dtype)
@@ -257,7 +270,8 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
                               "Run SALS with a plain DynamicCache (values quantization is not combined yet)")
         dtype = adapter.embed_tokens.weight.dtype
         new = SALSLayer(projections.proj(i, ranks[i][0], dtype), rope_table, i, cfg.mode, cfg.value_bits,
-                        cfg.value_group, exact_sink=cfg.exact_sink, exact_recent=cfg.exact_recent)
+                        cfg.value_group, exact_sink=cfg.exact_sink, exact_recent=cfg.exact_recent,
+                        score_dims=ranks[i][1])
         if old.is_initialized and old.keys is not None and old.keys.numel():
             length = old.keys.shape[-2]
             pos = torch.arange(length, device=old.keys.device)[None]
@@ -266,7 +280,8 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
 
 
 def kv_bytes_per_token(cache: Any) -> float:
-    """Bytes the cache holds per cached token, over all layers (SALS layers count latent + values + positions)."""
+    """Bytes the cache holds per cached token, over all layers (SALS layers count latent + values + positions, and
+    the full keys in index mode, whose latent holds r* columns)."""
     total, tokens = 0, 0
     for layer in cache.layers:
         if isinstance(layer, SALSLayer):

@@ -25,10 +25,12 @@ from .common import add_bench_args, add_common, emit_json, interleaved_ms, print
 from .common import parse_lengths as common_parse_lengths
 
 METHODS = ("sals", "sals-index", "sals-index-mean", "sals-cpu", "sals-index-cpu", "sals-index-mean-cpu",
-           "sals-index-narrow-cpu", "sals-index-mean-narrow-cpu", "quest", "streaming", "oracle")
+           "sals-index-wide-cpu", "sals-index-mean-wide-cpu", "quest", "streaming", "oracle")
 # "-cpu": the same SALS step with impl="cpu" (compiled top-k and select-gather-attend, kernels/sparse_decode_cpu.py).
-# "-narrow": an index-mode cache that stores only the r* scoring columns of the latent (all index mode reads), so the
-# scoring GEMM streams contiguous rows; the runtime cache (attention/sals_cache.py) stores all r columns today.
+# "sals-index*" read the runtime's index-mode latent: only the r* scoring columns, contiguous (attention/sals_cache.py
+# stores no more since 5 Dec 2026); "sals" / "sals-cpu" (compressed mode) read the r-column latent.
+# "-wide": index mode on the layout the cache used before, all r columns stored and the first r* read strided by the
+# scoring GEMM; not a runtime layout any more, kept so that one run shows what the narrow latent gains.
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -57,6 +59,9 @@ def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, ra
     ang = torch.cat([ang, ang], -1)
     c["cos"], c["sin"] = ang.cos().to(dtype), ang.sin().to(dtype)
     c["kmin"], c["kmax"] = (t.to(dtype) for t in page_minmax(c["k"], 16))
+    # Index mode's latent holds the leading r* columns (the same numbers), in a buffer of its own.
+    c["latent_index"] = c["latent"][..., : c["r_star"]].contiguous()
+    c["proj_index"] = c["proj"][..., : c["r_star"]].contiguous()
     return c
 
 
@@ -74,8 +79,8 @@ def _method_fn(name: str, c: dict[str, Any], scaling: float) -> Callable[[], Any
         if "-mean" in name:
             p = dataclasses.replace(p, pool="mean")
         latent, proj = c["latent"], c["proj"]
-        if "-narrow" in name:
-            latent, proj = latent[..., :c["r_star"]].contiguous(), proj[..., :c["r_star"]].contiguous()
+        if keys is not None and "-wide" not in name:  # what an index-mode SALSLayer stores: r* columns
+            latent, proj = c["latent_index"], c["proj_index"]
         return lambda: sals_decode(q, qc, qs, latent, v, c["pos"], proj, c["r_star"], c["cos"], c["sin"],
                                    p, scaling, keys=keys, buffers=buf, impl=impl)
     if name == "streaming":
@@ -108,7 +113,7 @@ def _ideal(name: str, c: dict[str, Any]) -> float:
         "quest": 2 * hkv * (length // 16) * d * e + hkv * (-(-p.k // 16) * 16) * 2 * d * e,
         "streaming": hkv * n * 2 * d * e,
         "oracle": hkv * length * d * e + hkv * n * d * e,
-    }[name.removesuffix("-cpu").removesuffix("-narrow")]
+    }[name.removesuffix("-cpu").removesuffix("-wide")]
     return dense / read
 
 
