@@ -19,7 +19,12 @@ How it stays fair (the same scheme as ``benchmarks/llmc_side_by_side.py`` for GP
   (ours: keep N of every M consecutive inputs; llm-compressor spells the same mask ``mask_structure="<M-N>:M"``,
   the count it *prunes* per group of M -- "2:4" and "4:8" read the same either way); SparseGPT block 128,
   dampening 0.01 (llm-compressor's defaults; ours the same); every decoder-layer Linear pruned, ``lm_head``
-  (the tied embedding) left dense on both sides. What still differs: llm-compressor's pipeline collects every
+  (the tied embedding) left dense on both sides. llm-compressor 0.14 is told ``ignore=["re:.*lm_head"]``: with
+  ``targets=["Linear"]`` it names each target ``"<module name>."`` (trailing dot), so the plain ``"lm_head"``
+  this benchmark passed before 5 Dec 2026 matched nothing and its Wanda/SparseGPT pruned the tied head and
+  embedding as well (every row measured before then). Each worker now checks the output and input embeddings
+  are bit-identical after pruning, records it (``head_unchanged``), and the driver stops on a side that changed them.
+  What still differs: llm-compressor's pipeline collects every
   linear of a layer in one pass with one sequence per forward; our SparseGPT is true-sequential (q/k/v, o,
   gate/up, down) with 8 sequences per forward and allocates the pruned count exactly per row.
 - Each side's achieved sparsity over the decoder linears is recorded, so a PPL gap cannot hide a sparsity gap;
@@ -73,6 +78,20 @@ def nm_validity(model, n: int, m: int) -> dict:
             "valid_fraction": valid / max(groups, 1), "all_valid": valid == groups}
 
 
+def head_snapshot(model) -> dict[str, torch.Tensor]:
+    """Copies of the output and input embedding weights (one tensor twice when tied), taken before pruning."""
+    return {"output": model.get_output_embeddings().weight.detach().clone(),
+            "input": model.get_input_embeddings().weight.detach().clone()}
+
+
+def head_check(model, before: dict[str, torch.Tensor]) -> dict:
+    """Whether pruning left the lm_head and the embedding bit-identical, and their zero fractions now."""
+    now = {"output": model.get_output_embeddings().weight.detach(),
+           "input": model.get_input_embeddings().weight.detach()}
+    return {"head_unchanged": {k: bool(torch.equal(now[k], w)) for k, w in before.items()},
+            "head_zero_fraction": {k: float((w == 0).float().mean()) for k, w in now.items()}}
+
+
 def parse_setting(sparsity: float | None, pattern: str | None) -> dict:
     """``--sparsity`` / ``--pattern`` -> the one setting both sides run: a file label, our config fields and
     llm-compressor's modifier fields. Raises ``ConfigError`` naming the flag to change."""
@@ -111,6 +130,8 @@ def worker(args: argparse.Namespace) -> int:
     out: dict = {"tool": "llm-compressor" if args.llmc_worker else "compactlm", "method": args.method,
                  "threads": torch.get_num_threads(), "python": sys.executable, "rss_method": "VmHWM"}
     if args.method != "base":
+        # The tied lm_head / embedding must come out untouched on both sides (module docstring).
+        heads_before = head_snapshot(model)
         out["rss_before_mib"] = rss_mib()
         start, cpu = time.perf_counter(), time.process_time()
         out["config"] = _prune_llmc(model, calib, args) if args.llmc_worker else _prune_ours(model, calib, args)
@@ -118,6 +139,8 @@ def worker(args: argparse.Namespace) -> int:
         out["prune_cpu_seconds"] = time.process_time() - cpu  # moves far less than wall time on a shared CPU
         out["peak_rss_mib"] = peak_rss_mib()
         out["sparsity"] = decoder_sparsity(model)
+        out.update(head_check(model, heads_before))
+        del heads_before
         if args.nm:
             out["nm_validity"] = nm_validity(model, *(int(x) for x in args.nm.split(":")))
     start = time.perf_counter()
@@ -135,7 +158,8 @@ def _prune_llmc(model, calib, args) -> dict:
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    common = {**json.loads(args.spec), "targets": ["Linear"], "ignore": ["lm_head"]}
+    # "re:" form: llm-compressor 0.14 matches the ignore list against "lm_head." (module docstring)
+    common = {**json.loads(args.spec), "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
     if args.method == "wanda":
         recipe = WandaPruningModifier(**common)
     else:
@@ -155,6 +179,27 @@ def _prune_ours(model, calib, args) -> dict:
     config = Wanda(**spec) if args.method == "wanda" else SparseGPT(**spec)
     compactlm.prune(model, config, calib=calib)
     return config.to_dict()
+
+
+def _earlier_ours(path: str, setting: dict, methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """compactlm's rows of an earlier run of this benchmark at the same setting and protocol, by method.
+    Raises ``ConfigError`` when the file's setting, protocol or methods differ from this run's."""
+    from compactlm.errors import ConfigError
+
+    earlier = json.loads(Path(path).read_text())
+    proto = earlier.get("protocol", {})
+    want = {"sparsity": setting["sparsity"], "structure": setting["structure"],
+            "ppl": f"PPL-wiki-512{'-q' if args.windows == 40 else ''} ({args.windows} windows)",
+            "calibration": f"CALIB-pg-512{'-q' if args.nsamples == 32 else ''} ({args.nsamples} x 512)"}
+    wrong = {k: (proto.get(k), v) for k, v in want.items() if proto.get(k) != v}
+    if wrong:
+        raise ConfigError(f"--ours-from {path}: its protocol differs from this run's (file vs now: {wrong})")
+    rows = {r["method"]: r["ours"] for r in earlier.get("rows", [])}
+    missing = [m for m in methods if m not in rows]
+    if missing:
+        raise ConfigError(f"--ours-from {path} has no compactlm row for {missing}; drop them from --methods")
+    return {m: {**rows[m], "reused_from": {"json": path, "command": earlier.get("command"),
+                                           "date": earlier.get("machine", {}).get("date")}} for m in methods}
 
 
 def _run(cmd: list[str], out: Path, log: Path, label: str) -> dict:
@@ -183,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-base-check", action="store_true",
                    help="skip the dense-model harness check (two evaluations) that an earlier run of the same "
                         "session made; the JSON says so")
+    p.add_argument("--ours-from", default="", metavar="JSON",
+                   help="take compactlm's rows from an earlier JSON of the same setting and protocol instead of "
+                        "re-running them (our pruning is deterministic on the same ids); the rows say where from")
     p.add_argument("--json", help="result JSON (required)")
     p.add_argument("--note", default="2 cores shared with other engineers' jobs; see load_average")
     p.add_argument("--llmc-worker", action="store_true", help=argparse.SUPPRESS)
@@ -214,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.llmc_python).is_file():
         raise ConfigError(f"--llmc-python {args.llmc_python} does not exist: build llm-compressor's venv first "
                           "(docs/quantization.md, 'Side by side with llm-compressor')")
+    ours_rows = _earlier_ours(args.ours_from, setting, methods, args) if args.ours_from else {}
     torch.set_num_threads(args.threads)
     _, tok = compactlm.models.load("smollm2-135m")
     model_dir = default_model_dir()
@@ -255,13 +304,20 @@ def main(argv: list[str] | None = None) -> int:
                      tmpdir / f"{side}{m}.json", tmpdir / f"{side}{m}.log", f"{tool} {m} {setting['label']}")
                     for cmd, spec, side, tool in ((llmc, setting["llmc"], "l", "llm-compressor"),
                                                   (ours, setting["ours"], "o", "compactlm"))]
-            t, o = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
+            if m in ours_rows:  # our side was measured before on the same ids: run llm-compressor's only
+                t, o = _run(*jobs[0]), ours_rows[m]
+            else:
+                t, o = _run_together(jobs) if args.concurrent else [_run(*job) for job in jobs]
             result["rows"].append({"method": m, "setting": setting["label"], "sparsity": setting["sparsity"],
                                    "llmc": t, "ours": o,
                                    "ratio_ours_over_llmc": {k: o[k] / t[k] for k in RATIO_KEYS},
                                    "ppl_at_least_as_good": o["ppl"] <= t["ppl"]})
             result["machine"]["load_average_end"] = os.getloadavg()
             write_json_atomic(path, result)
+            changed = [side["tool"] for side in (t, o) if not all(side.get("head_unchanged", {"?": True}).values())]
+            if changed:
+                raise SystemExit(f"{', '.join(changed)} changed the lm_head / tied embedding while pruning {m}: the "
+                                 f"rows in {path} are not like for like (head_unchanged)")
             valid = "".join(f", N:M valid {side['nm_validity']['valid_fraction']:.4f}" for side in (o, t)
                             if "nm_validity" in side)
             print(f"{m}: PPL ours {o['ppl']:.3f} vs llm-compressor {t['ppl']:.3f}{valid}", flush=True)
