@@ -8,8 +8,8 @@ Here the loss is the model's own: L = mean next-token cross-entropy of the calib
 
 1. The initial method (Wanda, SparseGPT, magnitude) prunes the whole model on the first ``N - heldout``
    calibration sequences; its masks and the dense weights of every pruned linear are kept.
-2. At the sparse weights, one forward and two backward passes of the whole model per sequence give
-   G = E[∂L/∂W] (true next tokens) and D, the diagonal of the loss's Gauss-Newton matrix (= the Fisher for
+2. At the sparse weights, two passes over the sequences (a forward and a backward of the whole model per sequence
+   each) give G = E[∂L/∂W] (true next tokens) and D, the diagonal of the loss's Gauss-Newton matrix (= the Fisher for
    softmax cross-entropy), from targets *sampled* from the model's own prediction: with h = ∇ Σ_t −log p(ỹ_t),
    E[h²] = Σ_t diag(F_t), since the tokens' cross terms vanish in expectation (Martens 2020, arXiv 1412.1193
    §9; Kunstner et al. 2019, arXiv 1905.12558 §3: squared true-label gradients E[g²] are no curvature
@@ -28,15 +28,21 @@ Here the loss is the model's own: L = mean next-token cross-entropy of the calib
    credits run away after a few thousand swaps on the default model (docs/pruning.md), hence small ratios and
    the measurement. ``rounds`` repeats 2-4 at the new mask until ratio 0 wins.
 
-Cost (default model, fp32, 106 M pruned weights): the dense copies, G, D and the standard error, 4 × 4 bytes ×
-106 M ≈ 1.7 GB beside the model; per round 1 forward + 2 backward passes per training sequence and
-(1 + #ratios) forwards of the held-out sequences. :func:`lm_memory_estimate` counts it before anything is
+Cost (default model, fp32, 106 M pruned weights): the dense copies and masks (5 bytes per weight) and two fp32
+sums at a time (G with the margin's squared-gradient sums, then G with D: 8 bytes), ≈ 1.4 GB beside the model,
+plus one sequence's whole-model backward; per round 2 forwards + 2 backwards per training sequence and
+(1 + #ratios) forwards of the held-out sequences. Gradients are summed as the backward makes them
+(:func:`streamed_gradients`), the margin is folded into G before D is allocated (:func:`fold_margin`), and the
+curvature pass recomputes the forward rather than keep a third sum: the same masks, bit for bit, as the one-pass
+layout that held G, D, SE, every gradient at once and a shifted copy of G (peak RSS 4.4–5.1 GiB in the quick runs;
+docs/pruning.md). :func:`lm_memory_estimate` counts it before anything is
 allocated, and :func:`check_lm_memory` refuses to start (pointing at ``objective="block"``) when it clearly
 exceeds the free memory of the model's device, rather than swapping or being killed an hour in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -72,15 +78,17 @@ class RecordRun(InitDelegatingRun):
 
 
 def lm_memory_estimate(model: nn.Module, config, seqlen: int, filter_fn=None) -> dict[str, int]:
-    """Bytes the lm rebuild holds beside the model, counted from the shapes before anything is allocated.
+    """Bytes the lm rebuild holds beside the model at its peak, counted from the shapes before anything is allocated.
 
-    Per pruned weight (element size e of the model's dtype): its dense copy (e) and keep-mask (1 byte); G and D,
-    and with ``margin`` the squared-gradient sum for the standard error (4 bytes each, fp32); one more full-size
-    tensor at a time — the gradients in flight during the statistics (e) or the margin-shifted G while scoring (4).
-    Plus the whole-model backward's logits: the fp32 logits, their log-softmax kept for the backward, the
-    gradient and the sampled-target pass's copy, 4 × (T − 1) × vocab × 4 bytes. Layer activations are left out
-    (small beside these at 512 tokens). On the default model (fp32, 106.2 M pruned weights, T = 512): 2.08 + 0.37
-    = 2.45 GiB, where the quick runs measured 4.5 GiB peak RSS against Wanda's 2.4 GiB (2.1–2.2 GiB more).
+    Per pruned weight (element size e of the model's dtype): its dense copy (e) and keep-mask (1 byte), and two
+    fp32 sums at a time (8 bytes): G with the margin's squared-gradient sums in the gradient pass, G (the margin
+    folded in) with D in the curvature pass and while scoring; gradients are summed as the backward makes them, so
+    none is held for every weight at once (:func:`streamed_gradients`). The margin costs no memory. Plus one
+    sequence's whole-model backward: the logits, their log-softmax and two logit-sized gradients, 4 × T × vocab × 4
+    bytes, and what autograd saves in each decoder layer, ≈ (8·hidden + 3.5·intermediate) values of size e per
+    token (measured with saved-tensor hooks on two Llama shapes, the default model's and the tests' tiny one).
+    On the default model (fp32, 106.2 M pruned weights, 30 layers, T = 512): 1.29 GiB + 0.37 GiB logits + 0.57 GiB
+    layers = 2.23 GiB (the layout before issue 4: 2.08 + 0.37 GiB, the layers left out).
     Returns {"pruned_weights", "weights_bytes", "activation_bytes", "total_bytes"}.
     """
     from ..models import get_adapter
@@ -93,11 +101,14 @@ def lm_memory_estimate(model: nn.Module, config, seqlen: int, filter_fn=None) ->
             full = f"{prefix}.{n}"
             if config.init.selects(full) and (filter_fn is None or filter_fn(full, m)):
                 count, elem = count + m.weight.numel(), m.weight.element_size()
-    accumulators = 4 * (3 if config.margin > 0 else 2)
-    per_weight = elem + 1 + accumulators + max(elem, 4 if config.margin > 0 else 0)
+    per_weight = elem + 1 + 2 * 4
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else int(model.config.vocab_size)
-    activation = 4 * max(seqlen - 1, 1) * vocab * 4
+    cfg = getattr(model.config, "text_config", model.config)
+    hidden = int(getattr(cfg, "hidden_size", 0))
+    inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
+    layers = adapter.num_layers * seqlen * int(8 * hidden + 3.5 * inter) * elem
+    activation = 4 * max(seqlen, 1) * vocab * 4 + layers
     return {"pruned_weights": count, "weights_bytes": count * per_weight, "activation_bytes": activation,
             "total_bytes": count * per_weight + activation}
 
@@ -138,60 +149,145 @@ def check_lm_memory(estimate: dict[str, int], device: torch.device, free: int | 
         "about half the memory; CLI --objective block), prune fewer linears (targets/ignore), or free memory")
 
 
-def lm_statistics(model: nn.Module, weights: dict[str, torch.Tensor], seqs: torch.Tensor, seed: int = 0,
-                  desc: str = "Barber lm: gradients", with_noise: bool = False):
-    """G = E_s[∂L_s/∂W] and D = E_s[diag GGN of L_s] for every weight in ``weights``, one sequence at a time.
+@contextlib.contextmanager
+def streamed_gradients(model: nn.Module, weights: dict[str, torch.Tensor], add):
+    """Inside: only ``weights`` require grad, and every backward hands each weight's gradient to ``add(name, g)``
+    as soon as autograd has accumulated it, then drops it; the caller's ``requires_grad`` and ``.grad`` are back after.
 
-    L_s = mean next-token cross-entropy of sequence s ((N, T) ``seqs``). D from one backward of the summed NLL of
-    targets sampled from the model's softmax per sequence, squared and divided by the T-1 predicted tokens (module
-    docstring, step 2). Accumulated in fp32; nothing per sequence is kept. Returns (G, D, mean L, noise): with
-    ``with_noise``, noise is the standard error of G, sqrt(Var_s[∂L_s/∂W] / N) (one more accumulator), else None.
+    Why: ``torch.autograd.grad`` over every pruned weight returns all the gradients at once, another 4 bytes per
+    weight (0.4 GiB on the default model) beside the sums; here at most one weight's gradient is in flight. The
+    gradient tensors are the same (the same backward graph), so sums built from them are bit-identical.
     """
-    params = list(weights.values())
+    name_of = {id(p): n for n, p in weights.items()}
     saved = {p: p.requires_grad for p in model.parameters()}
-    grad = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    curv = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    sq = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()} if with_noise else {}
-    gen = torch.Generator().manual_seed(seed)
-    device = params[0].device
-    total = 0.0
+    saved_grads = {p: p.grad for p in weights.values()}
+
+    def consume(p: torch.Tensor) -> None:  # right after the backward has set p.grad
+        g, p.grad = p.grad, None
+        add(name_of[id(p)], g)  # g is the last reference: freed when this returns
+
+    handles = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in params:
+        for p in weights.values():
             p.requires_grad_(True)
-        for seq in progress(seqs, desc=desc):
-            ids = seq.unsqueeze(0).to(device)  # (1, T)
-            with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
-                loss = F.cross_entropy(logits, ids[0, 1:])
-                if not torch.isfinite(loss):
-                    raise CalibrationError(f"the calibration loss is {float(loss)} (not finite) in Barber's lm "
-                                           "gradient pass; check the calibration data or run in fp32")
-                for n, g in zip(weights, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True),
-                                strict=True):
-                    if g is not None:
-                        grad[n] += g.float()
-                        if with_noise:
-                            sq[n] += g.float().pow_(2)
-                with torch.no_grad():
-                    sampled = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).squeeze(1).to(device)
-                nll = F.cross_entropy(logits, sampled, reduction="sum")
-                for n, h in zip(weights, torch.autograd.grad(nll, params, allow_unused=True), strict=True):
-                    if h is not None:
-                        curv[n] += h.float().pow_(2).div_(logits.shape[0])
-            total += float(loss.detach())
-            del logits, loss, nll
+            p.grad = None  # a backward accumulates into .grad: start from nothing
+            handles.append(p.register_post_accumulate_grad_hook(consume))
+        with torch.enable_grad():
+            yield
     finally:
+        for h in handles:
+            h.remove()
+        for p, g in saved_grads.items():
+            p.grad = g
         for p, flag in saved.items():
             p.requires_grad_(flag)
+
+
+def lm_gradient(model: nn.Module, weights: dict[str, torch.Tensor], seqs: torch.Tensor,
+                desc: str = "Barber lm: gradients", with_noise: bool = False):
+    """G = E_s[∂L_s/∂W] for every weight in ``weights``, L_s the mean next-token cross-entropy of sequence s of the
+    (N, T) ``seqs``, one forward and backward per sequence, summed in fp32. Returns (G, mean L, noise): with
+    ``with_noise`` noise is the standard error of G, sqrt(Var_s[∂L_s/∂W] / N) (the squared sums, turned into it in
+    place), else None."""
+    weights = dict(weights)
+    grad = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    sq = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()} if with_noise else {}
+
+    def add(n: str, g: torch.Tensor) -> None:
+        grad[n] += g.float()
+        if with_noise:
+            sq[n] += g.float().pow_(2)
+
+    device, total = next(iter(weights.values())).device, 0.0
+    with streamed_gradients(model, weights, add):
+        for seq in progress(seqs, desc=desc):
+            ids = seq.unsqueeze(0).to(device)  # (1, T)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
+            loss = F.cross_entropy(logits, ids[0, 1:])
+            if not torch.isfinite(loss):
+                raise CalibrationError(f"the calibration loss is {float(loss)} (not finite) in Barber's lm "
+                                       "gradient pass; check the calibration data or run in fp32")
+            del logits  # not needed by the backward (the log-softmax is saved): 4·T·vocab bytes less at its peak
+            torch.autograd.backward(loss, inputs=list(weights.values()))
+            total += float(loss.detach())
+            del loss
     k = max(len(seqs), 1)
     grad = {n: g.div_(k) for n, g in grad.items()}
     noise = None
     if with_noise:  # unbiased variance of the per-sequence gradients, over N for the mean's standard error
-        noise = {n: v.div_(k).sub_(grad[n] ** 2).clamp_(min=0).div_(max(k - 1, 1)).sqrt_()
-                 for n, v in sq.items()}
-    return grad, {n: d.div_(k) for n, d in curv.items()}, total / k, noise
+        noise = {n: v.div_(k).sub_(grad[n] ** 2).clamp_(min=0).div_(max(k - 1, 1)).sqrt_() for n, v in sq.items()}
+    return grad, total / k, noise
+
+
+def lm_curvature(model: nn.Module, weights: dict[str, torch.Tensor], seqs: torch.Tensor, seed: int = 0,
+                 desc: str = "Barber lm: curvature") -> dict[str, torch.Tensor]:
+    """D = E_s[diag GGN of L_s] for every weight in ``weights``: per sequence one forward, targets sampled from the
+    model's softmax (``seed``), one backward of their summed NLL, squared and divided by the T-1 predicted tokens
+    (module docstring, step 2); fp32 sums.
+
+    A pass of its own, after :func:`lm_gradient`, so that D never coexists with the squared-gradient sums of the
+    margin (one full fp32 copy of the pruned weights less at the peak), for one more forward per sequence. The
+    forward is recomputed on the same weights and inputs, so the logits, the sampled targets and D are those of a
+    single forward shared with the gradient pass (tests/prune/test_barber_lm.py checks it bit for bit).
+    """
+    weights = dict(weights)
+    curv = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    gen = torch.Generator().manual_seed(seed)
+    tokens = [1]
+
+    def add(n: str, h: torch.Tensor) -> None:
+        curv[n] += h.float().pow_(2).div_(tokens[0])
+
+    device = next(iter(weights.values())).device
+    with streamed_gradients(model, weights, add):
+        for seq in progress(seqs, desc=desc):
+            ids = seq.unsqueeze(0).to(device)  # (1, T)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
+            with torch.no_grad():
+                sampled = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).squeeze(1).to(device)
+            nll = F.cross_entropy(logits, sampled, reduction="sum")
+            tokens[0] = logits.shape[0]
+            del logits  # as in lm_gradient: the backward needs only the saved log-softmax
+            torch.autograd.backward(nll, inputs=list(weights.values()))
+            del nll
+    k = max(len(seqs), 1)
+    return {n: d.div_(k) for n, d in curv.items()}
+
+
+def lm_statistics(model: nn.Module, weights: dict[str, torch.Tensor], seqs: torch.Tensor, seed: int = 0,
+                  desc: str = "Barber lm", with_noise: bool = False):
+    """(G, D, mean L, noise): :func:`lm_gradient` then :func:`lm_curvature` on the same sequences (all three sums
+    alive at once; :func:`rebuild_lm` folds the margin into G between the two passes instead)."""
+    grad, loss, noise = lm_gradient(model, weights, seqs, f"{desc}: gradients", with_noise)
+    return grad, lm_curvature(model, weights, seqs, seed, f"{desc}: curvature"), loss, noise
+
+
+def fold_margin(grad: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
+                z: float) -> None:
+    """G ← G + z·SE·sign(w_dense) in place, one weight at a time, releasing each SE (popped from ``noise``) once
+    folded: a revive's first-order term G·w then sits ``z`` standard errors against it (module docstring, step 3).
+    The same element-wise operations in the same order as ``G + z * SE * sign(w)``: bit-identical, without a
+    shifted copy of G beside G, D and SE."""
+    for n in list(noise):
+        se = noise.pop(n)
+        grad[n].add_(se.mul_(z).mul_(dense[n].sign()))  # (out, in)
+        del se
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Why: the per-linear sums (0.2–3.5 MB tensors) come from glibc's heap once its dynamic mmap threshold has risen,
+    and glibc keeps their pages after they are freed, while the held-out forwards' logits (≥ 32 MB) are mmapped
+    afresh: without a trim the freed G and D stay resident under them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()
@@ -201,8 +297,10 @@ def lm_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4) -> float:
     total = 0.0
     for batch in torch.split(seqs, batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float().flatten(0, 1)  # (B·(T-1), V)
+        # flatten copies the sliced logits: the model's full (B, T, V) output is freed here, before the log-softmax
+        nll = F.cross_entropy(logits, batch[:, 1:].flatten(), reduction="none")
+        del logits
         total += float(nll.view(batch.shape[0], -1).mean(1).sum())
     return total / len(seqs)
 
@@ -261,9 +359,12 @@ class LMRebuild:
         With ``noise`` (the standard error of G) a revive's first-order term is taken ``z`` standard errors
         against it, G·w + z·SE·|w|: among millions of candidates the largest estimated gains are partly noise of
         the N-sequence mean (the winner's curse), and a pessimistic estimate ranks them by what is likely real.
+
+        Memory: the shift is folded into ``grad`` in place by :func:`fold_margin` (``noise`` is emptied), never as
+        a shifted copy beside G, D and SE.
         """
         if noise is not None and z:
-            grad = {n: grad[n] + z * noise[n] * self.dense[n].sign() for n in self.modules}
+            fold_margin(grad, noise, self.dense, z)
         gains = []
         for n, m in self.modules.items():
             s = taylor_scores(self.masks[n], m.weight.detach(), self.dense[n], grad[n], curv[n])
@@ -338,6 +439,7 @@ def rebuild_lm(model: nn.Module, config, calib: Any, filter_fn=None, **options: 
     check_lm_memory(memory, home)  # before the initial method allocates the dense copies
     run = RecordRun(config.init, home)
     init_report = execute(model, config.init, run, train, filter_fn, **options)
+    release_freed_memory()  # the initial method's freed per-layer buffers, before the sums are allocated
     modules = {}
     adapter = get_adapter(model)
     block_of = {}
@@ -359,11 +461,16 @@ def rebuild_lm(model: nn.Module, config, calib: Any, filter_fn=None, **options: 
     try:
         for r in range(config.rounds):
             t0 = time.process_time()
-            grad, curv, train_loss, noise = lm_statistics(
-                model, {n: m.weight for n, m in modules.items()}, train, seed=r,
-                desc=f"Barber lm round {r + 1}: gradients", with_noise=config.margin > 0)
-            profitable = rebuild.score(grad, curv, config.group, config.nm, max(ratios), noise, float(config.margin))
-            del grad, curv, noise
+            weights = {n: m.weight for n, m in modules.items()}
+            grad, train_loss, noise = lm_gradient(model, weights, train, f"Barber lm round {r + 1}: gradients",
+                                                  with_noise=config.margin > 0)
+            if noise is not None and config.margin:
+                fold_margin(grad, noise, rebuild.dense, float(config.margin))  # SE freed before D is allocated
+            del noise
+            curv = lm_curvature(model, weights, train, seed=r, desc=f"Barber lm round {r + 1}: curvature")
+            profitable = rebuild.score(grad, curv, config.group, config.nm, max(ratios))
+            del grad, curv, weights
+            release_freed_memory()  # G and D: back to the OS before the held-out forwards' logits
             losses = {0.0: lm_loss(model, heldout)}
             for ratio in progress(ratios, desc=f"Barber lm round {r + 1}: step"):
                 _, log = rebuild.apply(ratio)
