@@ -33,8 +33,9 @@ def main() -> int:
     import compactlm
     from compactlm.data import calibration_set
     from compactlm.prune import Wanda
-    from compactlm.prune.barber_lm import LMRebuild, RecordRun, lm_loss, lm_statistics
+    from compactlm.prune.barber_lm import LMRebuild, RecordRun
     from compactlm.prune.common import execute
+    from compactlm.prune.lm_statistics import lm_loss, lm_statistics
     from compactlm.utils import machine_info, set_quiet, write_json_atomic
 
     set_quiet(True)

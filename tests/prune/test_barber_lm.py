@@ -10,7 +10,8 @@ from compactlm.errors import ConfigError, DataError
 from compactlm.models import get_adapter, tiny_model
 from compactlm.prune import Barber, SparseGPT, Wanda
 from compactlm.prune.barber import taylor_scores
-from compactlm.prune.barber_lm import lm_loss, lm_statistics, pair_gains
+from compactlm.prune.barber_lm import pair_gains
+from compactlm.prune.lm_statistics import lm_loss, lm_statistics
 
 
 def _calib(n=12, t=32, seed=0):
@@ -211,7 +212,8 @@ def test_memory_estimate_layer_term_matches_what_autograd_saves():
     for one sequence's forward of the gradient pass, at two lengths: within 10 %."""
     import torch.nn.functional as F
 
-    from compactlm.prune.barber_lm import lm_memory_estimate, streamed_gradients
+    from compactlm.prune.barber_lm import lm_memory_estimate
+    from compactlm.prune.lm_statistics import streamed_gradients
 
     model = tiny_model("llama")
     a = get_adapter(model)
