@@ -85,8 +85,9 @@ class Barber(BaseConfig):
         Wanda: 50 % 54.37 → 50.12, 4:8 98.93 → 80.41, 2:4 206.44 → 134.22, 30 % 26.78 → 26.08; init SparseGPT:
         50 % 53.83 → 49.63, 2:4 124.11 → 100.54), where "block" loses to Wanda at 50 % (54.78) and 4:8 (99.60).
         Its cost: 13 bytes per pruned weight in fp32 (dense copy, mask, two fp32 sums) plus a whole-model
-        backward (3.4 GiB peak RSS against Wanda's 2.3 GiB on the 135M model, 1.50×); it refuses to start, naming its estimate, when that clearly exceeds
-        the free memory (:func:`compactlm.prune.barber_lm.check_lm_memory`).
+        backward (3.4 GiB peak RSS against Wanda's 2.3 GiB on the 135M model, 1.50×); it refuses to start,
+        naming its estimate, when that clearly exceeds the free memory
+        (:func:`compactlm.prune.barber_lm.check_lm_memory`).
     heldout: ``"lm"`` only: the last ``heldout`` calibration sequences are kept out of the initial method and the
         gradients and only choose the step (ratio 0, the initial mask, among the candidates).
     rounds: ``"lm"`` only: rebuilds at most this many times, each from fresh gradients at the current mask;
