@@ -55,7 +55,9 @@ def main() -> int:
     for z in (float(v) for v in args.z.split(",")):
         rb = LMRebuild(modules, run.all_dense, run.all_masks)
         ratios = [float(r) for r in args.ratios.split(",")]
-        prof = rb.score(grad, curv, "row", None, max(ratios), noise=noise, z=z)
+        # score folds the margin into the G it is given and empties noise (barber_lm.fold_margin): fresh copies per z
+        prof = rb.score({n: g.clone() for n, g in grad.items()}, curv, "row", None, max(ratios),
+                        noise={n: s.clone() for n, s in noise.items()}, z=z)
         for ratio in ratios:
             swaps, log = rb.apply(ratio)
             pred = float(rb.best[:int(ratio * prof)].sum()) if prof else 0.0
