@@ -10,6 +10,12 @@ prefill computed (dense-head and dense-tail groups count as computed), and which
 ``block_fraction_by_length`` counts the layers that run sparse only (the handler never sees ``dense_layers``);
 ``block_fraction_all_layers_by_length`` adds each dense layer as fully computed (every layer has the same
 causal tile count). Decoding is untouched (the config has no decode handlers).
+
+``--full-from A.json B.json`` takes full attention's rows from earlier RULER JSONs of the same model and dtype
+(e.g. the committed 20-sample runs of ``run_longctx.py``) instead of running it again: ``run_ruler`` still runs
+full attention on the first ``--full-check`` samples of every task and refuses the files unless it reproduces
+their outputs exactly, and checks every reused prompt's answers, depth and length against the regenerated one.
+That halves the cost of a run, since the sparse prefill cannot share full attention's prefill.
 """
 
 from __future__ import annotations
@@ -59,6 +65,26 @@ def prompt_differences(records: list[dict], method: str = "sparse-prefill") -> l
             for key in [(r["length"], r["task"], r["index"])] if r["score"] != full[key]]
 
 
+def reused_full_records(paths: list[str], model: str, dtype: str) -> tuple[list[dict], list[dict]]:
+    """Full attention's records from earlier RULER JSONs, refused unless they name the same model and dtype."""
+    records, sources = [], []
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"--full-from: no such file {path}")
+        with open(path) as f:
+            data = json.load(f)
+        if (data.get("model"), data.get("dtype")) != (model, dtype):
+            raise SystemExit(f"--full-from: {path} is {data.get('model')} in {data.get('dtype')}, this run is "
+                             f"{model} in {dtype}")
+        rows = [r for r in data.get("records", []) if r.get("method") == "full"]
+        if not rows:
+            raise SystemExit(f"--full-from: {path} holds no full-attention records")
+        records += rows
+        sources.append({"path": path, "records": len(rows), "git_commit": data.get("machine", {}).get("git_commit"),
+                        "command": data.get("command")})
+    return records, sources
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -68,6 +94,11 @@ def main() -> None:
     p.add_argument("--tasks", default=None, help="comma-separated subset of the 8 tasks (default: all)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--config", default="{}", help="SparsePrefillConfig fields as JSON, e.g. '{\"dense_head\": 512}'")
+    p.add_argument("--full-from", nargs="+", metavar="JSON",
+                   help="reuse full attention's records from these RULER JSONs (same model and dtype)")
+    p.add_argument("--full-check", type=int, default=1,
+                   help="with --full-from: samples per task on which full attention still runs and must reproduce "
+                        "the reused output (default 1)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:
@@ -76,9 +107,11 @@ def main() -> None:
     lengths = parse_lengths(args.lengths)
     tasks = check_tasks(args.tasks.split(",")) if args.tasks else TASKS
     model, tok = load(args.model, dtype=args.dtype)
+    full_records, full_from = reused_full_records(args.full_from or [], args.model, args.dtype)
     records: list[dict] = []
     result = run_ruler(model, tok, [recording_method(cfg, records)], lengths=lengths, samples=args.samples,
-                       tasks=tasks)
+                       tasks=tasks, full_records=full_records if args.full_from else None,
+                       full_check=args.full_check)
     sparse_rows = [r for r in result.records if r["method"] == "sparse-prefill"]
     for rec, row in zip(records, sparse_rows, strict=True):
         rec.update(length=row["length"], task=row["task"], index=row["index"], tokens=row["tokens"])
@@ -94,6 +127,9 @@ def main() -> None:
         # a prompt weighs 1 / (samples x tasks) of a length's mean: a 0 <-> 100 swing moves it by 100 / that
         print(f"{n}: {len(ds)} of {prompts[n]} prompts differ ({up} up, {len(ds) - up} down); one prompt moves the "
               f"mean by up to {100 / max(1, prompts[n]):.1f} points")
+    if args.full_from:
+        print(f"full attention: {result.full_reused} records reused from {len(args.full_from)} file(s), "
+              f"{result.full_checked} re-run and reproduced exactly")
     layers = get_adapter(model).num_layers
     dense = len(cfg.dense_layers)
     all_layers = {n: ((layers - dense) * f + dense) / layers for n, f in fractions.items()}
@@ -108,7 +144,7 @@ def main() -> None:
             "benchmark": "RULER-syn dense vs block-sparse prefill", "model": args.model, "dtype": args.dtype,
             "command": " ".join([".venv/bin/python", *sys.argv]), "config": cfg.to_dict(),
             "block_fraction_by_length": fractions,
-            "block_fraction_all_layers_by_length": all_layers, "prompts_differing": diffs,
+            "block_fraction_all_layers_by_length": all_layers, "prompts_differing": diffs, "full_from": full_from,
             "sparse_prefill_records": records, **result.to_dict(),
             "machine": {**machine_info(args.dtype), "threads": torch.get_num_threads(),
                         "load_average": os.getloadavg()},

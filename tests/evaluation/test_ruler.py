@@ -113,6 +113,35 @@ def test_run_ruler_scores_every_method_beside_full():
         run_ruler(model, ByteTokenizer(), lengths=[4096], samples=1)
 
 
+def test_run_ruler_reuses_full_records_after_reproducing_some():
+    model = tiny_model("llama", max_position_embeddings=2048)
+    copy = RuntimeMethod("copy", attach=lambda m: contextlib.nullcontext(m), make_cache=FULL.make_cache,
+                         shares_prefill=False)
+    kw = dict(lengths=[512], samples=3, tasks=("passkey", "vt"), max_new_tokens=4)
+    first = run_ruler(model, ByteTokenizer(), [copy], **kw)
+    again = run_ruler(model, ByteTokenizer(), [copy], full_records=first.records, full_check=1, **kw)
+    assert (again.full_reused, again.full_checked) == (4, 2)
+    full = [r for r in again.records if r["method"] == "full"]
+    assert [r.get("reused", False) for r in full] == [False, True, True] * 2
+    assert [r["output"] for r in full] == [r["output"] for r in first.records if r["method"] == "full"]
+    assert again.methods["full"]["score"] == first.methods["full"]["score"]
+    assert again.to_dict()["full_reused"] == 4
+
+    def edited(index, **change):
+        return [{**r, **change} if r["method"] == "full" and r["index"] == index else r for r in first.records]
+
+    with pytest.raises(DataError, match="reused record"):  # a checked prompt that full attention does not reproduce
+        run_ruler(model, ByteTokenizer(), [copy], full_records=edited(0, output="something else"), **kw)
+    with pytest.raises(DataError, match="different prompt"):
+        run_ruler(model, ByteTokenizer(), [copy], full_records=edited(2, answers=["0"]), **kw)
+    with pytest.raises(DataError, match="no full-attention row"):
+        run_ruler(model, ByteTokenizer(), [copy], full_records=first.records[:-2], **kw)
+    with pytest.raises(DataError, match="twice"):
+        run_ruler(model, ByteTokenizer(), [copy], full_records=first.records + first.records[:1], **kw)
+    with pytest.raises(ConfigError, match="full_check"):
+        run_ruler(model, ByteTokenizer(), [copy], full_records=first.records, full_check=0, **kw)
+
+
 @pytest.mark.default_model
 def test_default_tokenizer_lengths_and_chat_template(default_model):
     _, tok = default_model

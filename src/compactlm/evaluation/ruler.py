@@ -252,10 +252,13 @@ class RulerResult:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"score", "by_length", ...}
     records: list[dict[str, Any]] = field(default_factory=list)  # one per (sample, method)
     seconds: float = 0.0
+    full_reused: int = 0  # full attention's records copied from ``full_records`` (not run)
+    full_checked: int = 0  # prompts where full attention ran and reproduced the reused output exactly
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "lengths": self.lengths, "tasks": self.tasks, "samples": self.samples,
-                "methods": self.methods, "records": self.records, "seconds": self.seconds}
+                "methods": self.methods, "records": self.records, "seconds": self.seconds,
+                "full_reused": self.full_reused, "full_checked": self.full_checked}
 
 
 def protocol_name(lengths: list[int], samples: int, tasks: tuple[str, ...]) -> str:
@@ -268,11 +271,19 @@ def protocol_name(lengths: list[int], samples: int, tasks: tuple[str, ...]) -> s
 
 def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None = None, *,
               lengths: list[int] = (2048, 4096), samples: int = 5, tasks=TASKS, seed: int = 0,
-              max_new_tokens: int = 32) -> RulerResult:
+              max_new_tokens: int = 32, full_records: list[dict[str, Any]] | None = None,
+              full_check: int = 1) -> RulerResult:
     """Score ``methods`` on RULER-syn, the full-attention, full-precision method always first beside them.
 
     Each prompt is prefilled once with full attention (all but its last token); every decode-only
     method then decodes greedily from its own ``make_cache`` copy of that cache.
+
+    ``full_records`` reuses full attention's records from an earlier run of the same model, dtype and seed (the
+    ``records`` of a RULER JSON; other methods' rows are ignored): every prompt of this run must have one whose
+    answers, depth and token count match the regenerated prompt, and full attention still runs on the first
+    ``full_check`` samples of each task and length and must reproduce the reused output text exactly, else
+    :class:`DataError`. Full attention is skipped on the other prompts, about half the cost of a run whose other
+    methods prefill on their own. Reused records carry ``"reused": True``.
     """
     tasks = check_tasks(tasks)
     lengths = list(lengths)
@@ -290,15 +301,31 @@ def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None =
     stops = stop_token_ids(tokenizer)
     result = RulerResult(protocol_name(lengths, samples, tasks), lengths, list(tasks), samples)
     jobs = [(t, n, i) for n in lengths for t in tasks for i in range(samples)]
+    reference = _reference_full(full_records, jobs, full_check) if full_records is not None else {}
     start = time.perf_counter()
     with eval_mode(model):
         for task, length, index in progress(jobs, desc="RULER-syn"):
             s = gen.sample(task, length, index, samples)
+            reused = reference.get((task, length, index))
+            if reused is not None:
+                _check_same_prompt(reused, s)
+            run_full = reused is None or index < full_check
+            active = [m for m in methods if m is not FULL or run_full]
             ids = torch.tensor([s.input_ids])
-            shared = prefill(model, ids[:, :-1])[0] if any(m.shares_prefill for m in methods) else None
+            shared = prefill(model, ids[:, :-1])[0] if any(m.shares_prefill for m in active) else None
             for m in methods:
+                if m is FULL and not run_full:
+                    result.records.append({**reused, "reused": True})
+                    result.full_reused += 1
+                    continue
                 out = run_method(model, m, ids, max_new_tokens, stops, shared_prefill=shared)
                 text = tokenizer.decode(out, skip_special_tokens=True)
+                if m is FULL and reused is not None:
+                    if text != reused["output"]:
+                        raise DataError(f"full attention on {task} {length} sample {index} wrote {text!r}, the "
+                                        f"reused record {reused['output']!r}: the earlier run differs (model, "
+                                        "dtype, seed or code); run without reusing its records")
+                    result.full_checked += 1
                 result.records.append({"method": m.name, "task": task, "length": length, "index": index,
                                        "depth": s.depth, "tokens": len(s.input_ids), "answers": list(s.answers),
                                        "output": text, "score": 100.0 * string_match_all(text, s.answers)})
@@ -314,6 +341,36 @@ def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None =
         result.methods[name] = {"score": _mean(list(per_task.values())), "tasks": per_task, "by_length": by_length,
                                 "description": desc}
     return result
+
+
+def _reference_full(records: list[dict[str, Any]], jobs: list[tuple[str, int, int]],
+                    full_check: int) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """Full attention's reusable records keyed by (task, length, index); every job must have exactly one."""
+    if full_check < 1:
+        raise ConfigError(f"full_check must be ≥ 1 (reused records are only trusted after full attention "
+                          f"reproduces some of them), got {full_check}")
+    found: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for r in records:
+        if r.get("method") != "full":
+            continue
+        key = (r["task"], int(r["length"]), int(r["index"]))
+        if key in found:
+            raise DataError(f"the reused records hold full attention twice for {key}; pass one run's records")
+        found[key] = {k: v for k, v in r.items() if k != "reused"}
+    missing = [j for j in jobs if j not in found]
+    if missing:
+        raise DataError(f"the reused records have no full-attention row for {len(missing)} of {len(jobs)} prompts "
+                        f"(first: {missing[0]}); they must cover every task, length and sample of this run")
+    return found
+
+
+def _check_same_prompt(reused: dict[str, Any], sample: RulerSample) -> None:
+    ours = {"answers": list(sample.answers), "depth": sample.depth, "tokens": len(sample.input_ids)}
+    theirs = {k: reused.get(k) for k in ours}
+    if ours != theirs:
+        raise DataError(f"the reused full-attention record for {sample.task} {sample.length} sample {sample.index} "
+                        f"was made from a different prompt ({theirs} vs this run's {ours}): different seed, sample "
+                        "count or tokenizer")
 
 
 def _mean(xs: list[float]) -> float:
