@@ -13,7 +13,10 @@ protocol is 128 and 200. Settings: ``base``, ``rtn:B``, ``gptq:B``, ``aptq:AVG[:
 default ``24`` = the paper's 2/4; ``234`` = 2/3/4; any config field as ``@field=value``, e.g.
 ``aptq:2.5:234@sensitivity_quantizer=rtn@clip_search=true``), ``aptqlayer:AVG[:MENU]`` (the local Hessian-trace
 sensitivity instead of the loss-gradient one), ``aptqplain:AVG[:MENU]`` (plain GPTQ Hessians for q/k/v);
-all g64, asymmetric, fp32. Wall time and peak RSS are per setting (RSS is the process peak so far).
+APTQ settings also take ``@sensitivity_cache=PATH`` (a run option, not a config field: the sensitivities are
+loaded from PATH if it was made for the same model, calibration and sensitivity settings, else computed and
+saved there, so ``aptq:2.5:234@sensitivity_cache=s.json,aptq:3.0:234@sensitivity_cache=s.json`` computes them
+once); all g64, asymmetric, fp32. Wall time and peak RSS are per setting (RSS is the process peak so far).
 """
 
 from __future__ import annotations
@@ -37,7 +40,19 @@ from compactlm.utils import machine_info, peak_rss_mib, write_json_atomic
 def make_config(setting: str, group_size: int):
     """``gptq:3``, ``aptq:2.5:234``, with ``@field=value`` overrides typed from the config's fields
     (``gptq:3@clip_search=true``, ``aptq:2.5:234@sensitivity_quantizer=rtn``)."""
+    return make_run(setting, group_size)[0]
+
+
+def make_run(setting: str, group_size: int):
+    """The config of ``setting`` and the run options (``sensitivity_cache``) given beside its fields."""
     head, extra = parse_spec(setting)
+    options = {"sensitivity_cache": extra.pop("sensitivity_cache")} if "sensitivity_cache" in extra else {}
+    if options and not head.startswith("aptq"):
+        raise SystemExit(f"{setting!r}: sensitivity_cache is for the aptq settings only")
+    return _config(head, extra, group_size), options
+
+
+def _config(head: str, extra: dict, group_size: int):
     kind, _, value = head.partition(":")
     if kind == "rtn":
         return config_from_options(RTN, {"bits": value, "group_size": group_size, **extra})
@@ -51,7 +66,7 @@ def make_config(setting: str, group_size: int):
         if kind == "aptqplain":  # ablation: APTQ allocation with plain GPTQ Hessians for q/k/v
             options["attention_aware"] = False
         return config_from_options(APTQ, {"avg_bits": avg, "group_size": group_size, **options, **extra})
-    raise SystemExit(f"unknown setting {setting!r}")
+    raise SystemExit(f"unknown setting {head!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         # wall times are inflated (CPU seconds are recorded beside them).
         row = {"setting": setting, "loadavg_start": os.getloadavg()[0]}
         if setting != "base":
-            cfg = make_config(setting, args.group_size)
+            cfg, options = make_run(setting, args.group_size)
             start, cpu_start = time.perf_counter(), time.process_time()
             report: dict = {}
-            compactlm.quantize(model, cfg, calib=None if isinstance(cfg, RTN) else calib, report=report)
+            compactlm.quantize(model, cfg, calib=None if isinstance(cfg, RTN) else calib, report=report, **options)
             row["quantize_seconds"] = time.perf_counter() - start
             # CPU seconds (all threads) beside wall time: on a shared machine wall time is an upper bound.
             row["quantize_cpu_seconds"] = time.process_time() - cpu_start
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if "allocation" in report:
                 row["bits_per_layer"] = report["allocation"]
                 row["estimated_cost"] = report["estimated_cost"]
+                row["sensitivity_source"] = report["sensitivity_source"]
         start, cpu_start = time.perf_counter(), time.process_time()
         r = perplexity(model, input_ids=ids, show_progress=False)
         row.update(ppl=r.ppl, tokens=r.tokens, eval_seconds=time.perf_counter() - start,

@@ -24,6 +24,10 @@ def register(groups) -> None:
                    help="APTQ: fix the width of layers matching REGEX (repeatable)")
     p.add_argument("--sensitivity", choices=["loss", "layer"], default="loss",
                    help="APTQ sensitivity: loss-gradient weighted (default) or the local Hessian trace")
+    p.add_argument("--sensitivity-cache", metavar="PATH",
+                   help="APTQ: JSON file of the per-layer sensitivities; loaded if it exists (after checking it was "
+                        "made for this model, calibration and sensitivity settings), else computed and written, so "
+                        "another --avg-bits or a restarted run skips the sensitivity passes")
     p.add_argument("--no-share-fused", action="store_true",
                    help="APTQ: let q/k/v and gate/up take different widths (vLLM needs them equal)")
     p.add_argument("--group-size", type=int, default=64, help="columns per scale/zero; -1 = per channel (default 64)")
@@ -66,6 +70,8 @@ def build_config(args):
                     sensitivity=args.sensitivity, **common)
     if args.avg_bits is not None:
         raise ConfigError(f"--avg-bits is for --method aptq; {args.method} takes a uniform --bits")
+    if args.sensitivity_cache is not None:
+        raise ConfigError(f"--sensitivity-cache is for --method aptq; {args.method} computes no sensitivities")
     bits = 4 if args.bits is None else args.bits
     if args.method == "rtn":
         return RTN(bits=bits, **common)
@@ -92,7 +98,8 @@ def run(args) -> int:
 
     report: dict = {}
     start = time.perf_counter()
-    quantize(model, cfg, calib=calib, report=report)
+    options = {"sensitivity_cache": args.sensitivity_cache} if args.method == "aptq" else {}
+    quantize(model, cfg, calib=calib, report=report, **options)
     seconds = time.perf_counter() - start
     summary = quant_summary(model)
     if args.export == "compressed-tensors":
@@ -109,6 +116,8 @@ def run(args) -> int:
               "bits_per_layer": summary["bits_per_layer"], "quantize_seconds": seconds,
               "peak_rss_mib": peak_rss_mib(), "model_bytes": summary.get("model_bytes"),
               "layer_records": report.get("layers", []), "machine": machine_info(args.dtype)}
+    if "sensitivity_source" in report:  # APTQ: were the sensitivities computed or loaded (from which cache)
+        result["sensitivity_source"] = report["sensitivity_source"]
     if args.eval_windows:
         from ..evaluation import perplexity
 

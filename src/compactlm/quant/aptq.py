@@ -41,7 +41,9 @@ estimates, chosen by ``sensitivity``:
 The allocation picks one width per item from ``bits_menu`` minimising total sensitivity with
 ``Σ bits·numel`` exactly ``avg_bits · Σ numel`` (weight-only bits); pinned layers keep their width;
 fused groups (q/k/v, gate/up, all routed experts of a layer) form one item when ``share_fused`` (vLLM
-fuses them into one matmul and needs one scheme per fused module).
+fuses them into one matmul and needs one scheme per fused module). The sensitivities do not depend on the target,
+so ``sensitivity_cache=PATH`` saves them once and lets other budgets (or a restarted run) skip both passes
+(:mod:`compactlm.quant.aptq_cache`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from ..primitives.fisher import output_gradient_moments
 from ..primitives.hessian import HessianAccumulator
 from ..primitives.quant import SUPPORTED_BITS, dequantize, rtn
 from ..registry import register
+from .aptq_cache import cached_sensitivity
 from .common import layer_filter, quant_targets
 from .gptq import GPTQ, GPTQRun, run_and_pack, solve_rows
 
@@ -376,9 +379,24 @@ def allocate(items: list[list[str]], numel: dict[str, int], sens: dict[str, dict
     return out
 
 
+def compute_sensitivity(model: nn.Module, cfg: APTQ, calib, targets: dict[str, nn.Linear],
+                        device=None) -> dict[str, dict[int, float]]:
+    """``{linear: {bits: cost}}``: the loss-gradient pass (``"loss"`` only), then the sensitivity pass."""
+    grads = None
+    if cfg.sensitivity == "loss":
+        autocast = torch.bfloat16 if cfg.gradient_dtype == "bf16" else None
+        grads = output_gradient_moments(model, calib, targets, batch_size=min(cfg.batch_size, 4),
+                                        desc="APTQ loss gradients", autocast_dtype=autocast)
+    probe = SensitivityRun(model, cfg, grads)
+    probe.run(model, calib, targets, "APTQ sensitivity", device)
+    return probe.sens
+
+
 @register(APTQ)
 def apply_aptq(model: nn.Module, cfg: APTQ, calib=None, filter_fn=None, report: dict | None = None,
-               device=None, **_options) -> nn.Module:
+               device=None, sensitivity_cache=None, **_options) -> nn.Module:
+    """Quantize ``model`` with APTQ. ``sensitivity_cache`` (a JSON file path): reuse the sensitivities saved there
+    for this same model, calibration and sensitivity settings, or compute and save them (:mod:`.aptq_cache`)."""
     targets = quant_targets(model, cfg, filter_fn)
     pinned = {n: b for n in targets for p, b in cfg.pin.items() if re.fullmatch(p, n)}
     numel = {n: m.weight.numel() for n, m in targets.items()}
@@ -390,20 +408,16 @@ def apply_aptq(model: nn.Module, cfg: APTQ, calib=None, filter_fn=None, report: 
                               "or set share_fused=False")
         if widths:
             pinned.update({n: widths.pop() for n in it})
-    grads = None
-    if cfg.sensitivity == "loss":
-        autocast = torch.bfloat16 if cfg.gradient_dtype == "bf16" else None
-        grads = output_gradient_moments(model, calib, targets, batch_size=min(cfg.batch_size, 4),
-                                        desc="APTQ loss gradients", autocast_dtype=autocast)
-    probe = SensitivityRun(model, cfg, grads)
-    probe.run(model, calib, targets, "APTQ sensitivity", device)
-    bits_for = allocate(items, numel, probe.sens, cfg.bits_menu, cfg.avg_bits, pinned)
+    sens, source = cached_sensitivity(model, cfg, calib, targets, sensitivity_cache,
+                                      lambda: compute_sensitivity(model, cfg, calib, targets, device), device)
+    bits_for = allocate(items, numel, sens, cfg.bits_menu, cfg.avg_bits, pinned)
     if report is not None:
-        report["sensitivity"] = probe.sens
+        report["sensitivity"] = sens
+        report["sensitivity_source"] = source  # computed or loaded (from which cache), and its CPU seconds
         report["allocation"] = bits_for
         # The allocation's estimated cost beside every uniform width of the menu (same estimate, same units).
-        report["estimated_cost"] = {"allocation": sum(probe.sens[n][b] for n, b in bits_for.items() if n in probe.sens),
-                                    **{f"uniform_{b}": sum(s[b] for s in probe.sens.values()) for b in cfg.bits_menu}}
+        report["estimated_cost"] = {"allocation": sum(sens[n][b] for n, b in bits_for.items() if n in sens),
+                                    **{f"uniform_{b}": sum(s[b] for s in sens.values()) for b in cfg.bits_menu}}
     runner = APTQRun(model, cfg, bits_for)
     with attention_override(model, {i: runner.handler for i in range(runner.adapter.num_layers)}
                             if cfg.attention_aware else {}):
