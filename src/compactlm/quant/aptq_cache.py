@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..layerwise import release_file_pages
 from ..utils import write_json_atomic
 
 if TYPE_CHECKING:
@@ -76,12 +77,19 @@ def sensitivity_fields(cfg: APTQ) -> dict[str, Any]:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """``"dtype shape sha256"`` of a tensor's bytes (no copy for a contiguous CPU tensor)."""
+    """``"dtype shape sha256"`` of a tensor's bytes (no copy for a contiguous CPU tensor).
+
+    Reading a weight mapped from a safetensors file makes its pages resident; they are released again at once
+    (:func:`~compactlm.layerwise.release_file_pages`), so hashing the whole model does not raise the peak RSS
+    by the model's size (the calibration passes read one layer at a time).
+    """
     data = t.detach()
     if data.device.type != "cpu":
         data = data.cpu()
     raw = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} {hashlib.sha256(raw).hexdigest()}"
+    digest = hashlib.sha256(raw).hexdigest()
+    release_file_pages([data])
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} {digest}"
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
