@@ -14,6 +14,9 @@ and that chunk run later on its own). Merging needs the same methods and samples
 (method, task, length, sample) twice; each part's command and commit are listed, because the parts may come from
 different commits (a prompt is seeded by task, length and index, so the parts' prompts are the protocol's).
 
+JSONs of ``benchmarks/prefill_ruler.py`` (dense vs sparse prefill) are read too: they run every (length, task) of
+their lists in one go and have no ``chunks_done``/``complete`` keys, so all their chunks count as done.
+
     python benchmarks/results/longctx/ruler_table.py benchmarks/results/longctx/ruler_syn_q_2k_union_epyc.json
     python benchmarks/results/longctx/ruler_table.py --merge benchmarks/results/longctx/ruler_syn_q_4k_union_epyc.json \
         benchmarks/results/longctx/ruler_syn_q_4k_passkey_union_epyc.json
@@ -50,6 +53,11 @@ def paired_interval(diffs: dict[str, list[float]], resamples: int = 2000, seed: 
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
+def _chunks(d: dict) -> list[list]:
+    """The [length, task] chunks a JSON finished; a prefill_ruler JSON (no ``chunks_done``) finished them all."""
+    return d["chunks_done"] if "chunks_done" in d else [[n, t] for n in d["lengths"] for t in d["tasks"]]
+
+
 def merge(paths: list[str]) -> dict:
     """One union result from parts run separately (same methods and samples, disjoint chunks)."""
     parts = [json.load(open(p)) for p in paths]
@@ -63,7 +71,7 @@ def merge(paths: list[str]) -> dict:
     if len(set(keys)) != len(keys):
         raise SystemExit("--merge: the parts overlap (a method, task, length and sample appears twice)")
     tasks = list(dict.fromkeys(t for d in parts for t in d["tasks"]))
-    chunks = [c for d in parts for c in d["chunks_done"]]
+    chunks = [c for d in parts for c in _chunks(d)]
     lengths = sorted({n for d in parts for n in d["lengths"]})
     # Complete when every (length, task) of the parts' task lists is done by some part (a part cut before its
     # last chunk is completed by the part that ran that chunk).
@@ -73,7 +81,8 @@ def merge(paths: list[str]) -> dict:
             "chunks_done": chunks, "methods": {m: None for m in methods[0]},
             "records": [r for d in parts for r in d["records"]],
             "parts": [{"path": p, "command": d["command"], "commit": d["machine"].get("git_commit"),
-                       "seconds": d["seconds"], "complete": d["complete"]} for p, d in zip(paths, parts, strict=True)]}
+                       "seconds": d["seconds"], "complete": d.get("complete", True)}
+                      for p, d in zip(paths, parts, strict=True)]}
 
 
 def tables(d: dict, name: str) -> str:
@@ -81,12 +90,13 @@ def tables(d: dict, name: str) -> str:
     full = {(r["task"], r["length"], r["index"]): r for r in recs if r["method"] == "full"}
     methods = list(d["methods"])
     tasks = d["tasks"]
-    out = [f"`{name}` — {d['protocol']}; complete: {d['complete']}; {d['seconds'] / 60:.1f} min wall "
-           f"for the whole run; chunks done {len(d['chunks_done'])}"]
+    chunks = _chunks(d)
+    out = [f"`{name}` — {d['protocol']}; complete: {d.get('complete', True)}; {d['seconds'] / 60:.1f} min wall "
+           f"for the whole run; chunks done {len(chunks)}"]
     out += [f"- part `{p['path']}`: commit {p['commit']}, {p['seconds'] / 60:.1f} min, complete {p['complete']}"
             for p in d.get("parts", [])]
     for n in sorted({r["length"] for r in recs}):
-        done = [t for t in tasks if [n, t] in d["chunks_done"]]  # chunks_done holds [length, task] pairs
+        done = [t for t in tasks if [n, t] in chunks]  # chunks_done holds [length, task] pairs
         n_samples = d["samples"]
         out += ["", f"Length {n} ({len(done)} of {len(tasks)} tasks, {n_samples} samples each; one single-answer "
                 f"prompt moves a task by {100 / n_samples:.1f} points and the mean by "
