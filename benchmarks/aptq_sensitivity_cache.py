@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from compactlm.models import tiny_model
 from compactlm.quant import APTQ
 from compactlm.quant.aptq_cache import fingerprint
 from compactlm.quant.common import quant_targets
-from compactlm.utils import machine_info, write_json_atomic
+from compactlm.utils import machine_info, peak_rss_mib, write_json_atomic
 
 SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, head_dim=32)
@@ -60,7 +59,7 @@ def fingerprint_cost(spec: str) -> dict:
     calib = calibration_set(tok, "essays", nsamples=128, seqlen=512)  # CALIB-pg-512, the full protocol
     cfg = APTQ(avg_bits=2.5, bits_menu=(2, 3, 4))
     targets = quant_targets(model, cfg)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = peak_rss_mib()
     cpu = time.process_time()
     fp = fingerprint(model, calib, targets, cfg)
     cpu = time.process_time() - cpu
@@ -68,7 +67,7 @@ def fingerprint_cost(spec: str) -> dict:
     hashed += sum(b.numel() * b.element_size() for b in model.buffers())
     return {"model": spec, "dtype": str(next(model.parameters()).dtype), "tensors": len(fp["tensors"]),
             "bytes_hashed": hashed, "calibration_shape": fp["calibration"]["shape"], "cpu_seconds": cpu,
-            "peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024}
+            "peak_rss_growth_mib": peak_rss_mib() - rss0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fingerprint_only"] = fingerprint_cost(args.fingerprint_model)
         print(result["fingerprint_only"], flush=True)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = peak_rss_mib()
     print(result["summary"], flush=True)
     write_json_atomic(args.json, result)
     return 0

@@ -37,14 +37,10 @@ from compactlm.quant import APTQ, GPTQ, RTN, quant_summary
 from compactlm.utils import machine_info, peak_rss_mib, write_json_atomic
 
 
-def make_config(setting: str, group_size: int):
-    """``gptq:3``, ``aptq:2.5:234``, with ``@field=value`` overrides typed from the config's fields
-    (``gptq:3@clip_search=true``, ``aptq:2.5:234@sensitivity_quantizer=rtn``)."""
-    return make_run(setting, group_size)[0]
-
-
 def make_run(setting: str, group_size: int):
-    """The config of ``setting`` and the run options (``sensitivity_cache``) given beside its fields."""
+    """The config of ``gptq:3``, ``aptq:2.5:234``, ... with ``@field=value`` overrides typed from the config's fields
+    (``gptq:3@clip_search=true``, ``aptq:2.5:234@sensitivity_quantizer=rtn``), and the run options
+    (``sensitivity_cache``) given beside its fields."""
     head, extra = parse_spec(setting)
     options = {"sensitivity_cache": extra.pop("sensitivity_cache")} if "sensitivity_cache" in extra else {}
     if options and not head.startswith("aptq"):
