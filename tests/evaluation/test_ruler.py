@@ -12,6 +12,7 @@ from compactlm.evaluation.ruler import (
     TASKS,
     RulerGenerator,
     parse_lengths,
+    parse_sample_indices,
     protocol_name,
     run_ruler,
     string_match_all,
@@ -140,6 +141,59 @@ def test_run_ruler_reuses_full_records_after_reproducing_some():
         run_ruler(model, ByteTokenizer(), [copy], full_records=first.records + first.records[:1], **kw)
     with pytest.raises(ConfigError, match="full_check"):
         run_ruler(model, ByteTokenizer(), [copy], full_records=first.records, full_check=0, **kw)
+
+
+def test_parse_sample_indices():
+    assert parse_sample_indices("0::4", 20) == [0, 4, 8, 12, 16]
+    assert parse_sample_indices("3::4", 20) == [3, 7, 11, 15, 19]
+    assert parse_sample_indices("2:5", 20) == [2, 3, 4]
+    assert parse_sample_indices("9, 1,5", 20) == [1, 5, 9]
+    for spec, message in [("20", "outside 0..19"), ("-1", "outside"), ("1,1", "repeat"), ("5:2", "select no"),
+                          ("a::2", "expected a slice"), ("1:2:3:4", "expected a slice")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_sample_indices(spec, 20)
+
+
+def test_sample_subsets_are_parts_of_the_whole_run(tmp_path):
+    """Two stride parts make exactly the records of the whole run: the same prompts (depth from the whole run's
+    sample count), the same outputs; and the ruler_table merge of the two parts is complete only with both."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    model = tiny_model("llama", max_position_embeddings=2048)
+    kw = dict(lengths=[512], samples=4, tasks=("passkey", "niah_single"), max_new_tokens=3)
+    whole = run_ruler(model, ByteTokenizer(), **kw)
+    even = run_ruler(model, ByteTokenizer(), sample_indices=[0, 2], **kw)
+    odd = run_ruler(model, ByteTokenizer(), sample_indices=[3, 1], **kw)
+    key = lambda r: (r["task"], r["index"])  # noqa: E731
+    assert sorted(even.records + odd.records, key=key) == sorted(whole.records, key=key)
+    assert {r["index"] for r in even.records} == {0, 2} and even.to_dict()["sample_indices"] == [0, 2]
+    assert whole.to_dict()["sample_indices"] is None
+    with pytest.raises(ConfigError, match="sample_indices"):
+        run_ruler(model, ByteTokenizer(), sample_indices=[4], **kw)
+    # Reusing full attention's records on a part checks the part's own first index.
+    again = run_ruler(model, ByteTokenizer(), sample_indices=[1, 3], full_records=whole.records, **kw)
+    assert (again.full_checked, again.full_reused) == (2, 2)
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "longctx" / "ruler_table.py"
+    spec = importlib.util.spec_from_file_location("ruler_table", root)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def part(res, path):
+        d = {**res.to_dict(), "command": "test", "machine": {}, "chunks_done": [[512, t] for t in kw["tasks"]]}
+        path.write_text(json.dumps(d))
+        return str(path)
+
+    a, b = part(even, tmp_path / "a.json"), part(odd, tmp_path / "b.json")
+    merged = table.merge([a, b])
+    assert merged["complete"] and merged["sample_indices"] == [0, 1, 2, 3]
+    assert not table.merge([a])["complete"]
+    assert "2 of 4 samples each" in table.tables(table.merge([a]), "a")
+    assert "4 samples each" in table.tables(merged, "ab")
+    with pytest.raises(SystemExit, match="overlap"):
+        table.merge([a, a])
 
 
 @pytest.mark.default_model

@@ -13,6 +13,9 @@ tabled together: a length whose tasks were run in separate processes (e.g. the 4
 and that chunk run later on its own). Merging needs the same methods and samples in every part and no
 (method, task, length, sample) twice; each part's command and commit are listed, because the parts may come from
 different commits (a prompt is seeded by task, length and index, so the parts' prompts are the protocol's).
+Parts may also split the samples (``run_longctx.py ruler --sample-indices 0::4``, then ``1::4`` …): the merged run
+is complete only when its chunks and its samples are all there, and each length's header says how many samples
+it holds.
 
 JSONs of ``benchmarks/prefill_ruler.py`` (dense vs sparse prefill) are read too: they run every (length, task) of
 their lists in one go and have no ``chunks_done``/``complete`` keys, so all their chunks count as done.
@@ -58,6 +61,11 @@ def _chunks(d: dict) -> list[list]:
     return d["chunks_done"] if "chunks_done" in d else [[n, t] for n in d["lengths"] for t in d["tasks"]]
 
 
+def _indices(d: dict) -> list[int]:
+    """The sample indices a JSON ran (all of ``range(samples)`` unless it is a ``--sample-indices`` part)."""
+    return d.get("sample_indices") or list(range(d["samples"]))
+
+
 def merge(paths: list[str]) -> dict:
     """One union result from parts run separately (same methods and samples, disjoint chunks)."""
     parts = [json.load(open(p)) for p in paths]
@@ -67,6 +75,7 @@ def merge(paths: list[str]) -> dict:
     samples = {d["samples"] for d in parts}
     if len(samples) != 1:
         raise SystemExit(f"--merge: the parts ran different sample counts: {sorted(samples)}")
+    samples_n = next(iter(samples))
     keys = [(r["method"], r["task"], r["length"], r["index"]) for d in parts for r in d["records"]]
     if len(set(keys)) != len(keys):
         raise SystemExit("--merge: the parts overlap (a method, task, length and sample appears twice)")
@@ -75,9 +84,11 @@ def merge(paths: list[str]) -> dict:
     lengths = sorted({n for d in parts for n in d["lengths"]})
     # Complete when every (length, task) of the parts' task lists is done by some part (a part cut before its
     # last chunk is completed by the part that ran that chunk).
-    complete = all([n, t] in chunks for n in lengths for t in tasks)
+    indices = sorted({i for d in parts for i in _indices(d)})
+    complete = all([n, t] in chunks for n in lengths for t in tasks) and len(indices) == samples_n
     return {"protocol": " + ".join(d["protocol"] for d in parts), "complete": complete,
-            "seconds": sum(d["seconds"] for d in parts), "samples": samples.pop(), "tasks": tasks,
+            "seconds": sum(d["seconds"] for d in parts), "samples": samples_n,
+            "sample_indices": indices, "tasks": tasks,
             "chunks_done": chunks, "methods": {m: None for m in methods[0]},
             "records": [r for d in parts for r in d["records"]],
             "parts": [{"path": p, "command": d["command"], "commit": d["machine"].get("git_commit"),
@@ -97,8 +108,9 @@ def tables(d: dict, name: str) -> str:
             for p in d.get("parts", [])]
     for n in sorted({r["length"] for r in recs}):
         done = [t for t in tasks if [n, t] in chunks]  # chunks_done holds [length, task] pairs
-        n_samples = d["samples"]
-        out += ["", f"Length {n} ({len(done)} of {len(tasks)} tasks, {n_samples} samples each; one single-answer "
+        n_samples = len({r["index"] for r in recs if r["length"] == n and r["method"] == "full"})
+        of = "" if n_samples == d["samples"] else f" of {d['samples']}"
+        out += ["", f"Length {n} ({len(done)} of {len(tasks)} tasks, {n_samples}{of} samples each; one single-answer "
                 f"prompt moves a task by {100 / n_samples:.1f} points and the mean by "
                 f"{100 / n_samples / max(1, len(done)):.2f}):", "",
                 "| method | score | Δ vs full | Δ 95 % interval | " + " | ".join(done)

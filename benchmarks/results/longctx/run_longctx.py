@@ -142,11 +142,19 @@ def merge_ppl(parts: list[str], out_path: str) -> None:
 
 
 def run_ruler_chunks(args, model, tok, methods) -> None:
-    from compactlm.evaluation.ruler import TASKS, check_tasks, parse_lengths, protocol_name, run_ruler
+    from compactlm.evaluation.ruler import (
+        TASKS,
+        check_tasks,
+        parse_lengths,
+        parse_sample_indices,
+        protocol_name,
+        run_ruler,
+    )
     from compactlm.utils import write_json_atomic
 
     lengths = parse_lengths(args.lengths)
     tasks = check_tasks(args.tasks.split(",")) if args.tasks else TASKS
+    indices = parse_sample_indices(args.sample_indices, args.samples) if args.sample_indices else None
     records: list[dict] = []
     descriptions: dict[str, str] = {}
     chunks = [(n, t) for n in lengths for t in tasks]
@@ -154,16 +162,19 @@ def run_ruler_chunks(args, model, tok, methods) -> None:
     for c, (n, t) in enumerate(chunks):
         t0 = time.perf_counter()
         r = run_ruler(model, tok, methods, lengths=[n], samples=args.samples, tasks=[t], seed=args.seed,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, sample_indices=indices)
         records += r.records
         descriptions.update({k: v["description"] for k, v in r.methods.items()})
         done = chunks[: c + 1]
         out = _header(args, protocol_name(lengths, args.samples, tasks), started)
+        if indices is not None:
+            out["protocol"] += f" — PART: samples {args.sample_indices} ({len(indices)} of {args.samples})"
         complete = c + 1 == len(chunks)
         if not complete:
             out["protocol"] += f" — INCOMPLETE: {c + 1}/{len(chunks)} (length, task) chunks done"
         out.update({"complete": complete, "lengths": lengths, "tasks": list(tasks), "samples": args.samples,
-                    "chunks_done": [list(x) for x in done], "methods": _aggregate(records, descriptions, done),
+                    "sample_indices": indices, "chunks_done": [list(x) for x in done],
+                    "methods": _aggregate(records, descriptions, done),
                     "records": records})
         write_json_atomic(args.json, out)
         full = out["methods"]["full"]["score"]
@@ -212,6 +223,9 @@ def main() -> int:
     p.add_argument("--decoded", type=int, default=256)
     p.add_argument("--lengths", default="2k,4k")
     p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--sample-indices", default="", metavar="SPEC",
+                   help="run only these of the --samples prompts per task, a slice (0::4) or a list (0,4,8): parts "
+                        "of one run, merged with ruler_table.py --merge")
     p.add_argument("--tasks", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -73,6 +73,34 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
+def parse_sample_indices(text: str, samples: int) -> list[int]:
+    """Which of a run's ``samples`` prompt indices to run: a slice ``start:stop[:step]`` or a list ``0,4,8``.
+
+    A sample's needle depth is ``index / (samples - 1)``, so a 20-sample run split by a stride (``0::4``,
+    ``1::4``, …) gives parts that each spread over every depth and together are exactly the 20-sample run;
+    ``ruler_table.py --merge`` joins them.
+    """
+    spec = text.strip()
+    try:
+        if ":" in spec:
+            fields = [int(f) if f.strip() else None for f in spec.split(":")]
+            if len(fields) > 3:
+                raise ValueError(spec)
+            indices = list(range(samples))[slice(*fields)]
+        else:
+            indices = [int(f) for f in spec.split(",") if f.strip()]
+    except ValueError:
+        raise ConfigError(f"sample indices {text!r}: expected a slice like 0::4 or a list like 0,4,8") from None
+    bad = [i for i in indices if not 0 <= i < samples]
+    if bad:
+        raise ConfigError(f"sample indices {bad} are outside 0..{samples - 1} (the run has {samples} samples)")
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"sample indices {text!r} repeat an index")
+    if not indices:
+        raise ConfigError(f"sample indices {text!r} select no sample of {samples}")
+    return sorted(indices)
+
+
 def check_tasks(tasks) -> tuple[str, ...]:
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
@@ -252,13 +280,15 @@ class RulerResult:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"score", "by_length", ...}
     records: list[dict[str, Any]] = field(default_factory=list)  # one per (sample, method)
     seconds: float = 0.0
+    sample_indices: list[int] | None = None  # the subset of range(samples) run; None = all
     full_reused: int = 0  # full attention's records copied from ``full_records`` (not run)
     full_checked: int = 0  # prompts where full attention ran and reproduced the reused output exactly
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "lengths": self.lengths, "tasks": self.tasks, "samples": self.samples,
                 "methods": self.methods, "records": self.records, "seconds": self.seconds,
-                "full_reused": self.full_reused, "full_checked": self.full_checked}
+                "sample_indices": self.sample_indices, "full_reused": self.full_reused,
+                "full_checked": self.full_checked}
 
 
 def protocol_name(lengths: list[int], samples: int, tasks: tuple[str, ...]) -> str:
@@ -272,7 +302,7 @@ def protocol_name(lengths: list[int], samples: int, tasks: tuple[str, ...]) -> s
 def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None = None, *,
               lengths: list[int] = (2048, 4096), samples: int = 5, tasks=TASKS, seed: int = 0,
               max_new_tokens: int = 32, full_records: list[dict[str, Any]] | None = None,
-              full_check: int = 1) -> RulerResult:
+              full_check: int = 1, sample_indices: list[int] | None = None) -> RulerResult:
     """Score ``methods`` on RULER-syn, the full-attention, full-precision method always first beside them.
 
     Each prompt is prefilled once with full attention (all but its last token); every decode-only
@@ -284,11 +314,18 @@ def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None =
     ``full_check`` samples of each task and length and must reproduce the reused output text exactly, else
     :class:`DataError`. Full attention is skipped on the other prompts, about half the cost of a run whose other
     methods prefill on their own. Reused records carry ``"reused": True``.
+
+    ``sample_indices`` runs only those of the ``samples`` prompts per task and length (see
+    :func:`parse_sample_indices`): the prompts are the ones the whole run would make, so parts run apart merge
+    into it. With ``full_records`` the reference check runs on the first ``full_check`` indices of the subset.
     """
     tasks = check_tasks(tasks)
     lengths = list(lengths)
     if samples < 1:
         raise ConfigError(f"samples must be ≥ 1, got {samples}")
+    indices = list(range(samples)) if sample_indices is None else sorted(sample_indices)
+    if not indices or len(set(indices)) != len(indices) or not all(0 <= i < samples for i in indices):
+        raise ConfigError(f"sample_indices must be distinct indices in 0..{samples - 1}, got {sample_indices}")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max(lengths) + max_new_tokens > limit:
         raise ConfigError(f"length {max(lengths)} + {max_new_tokens} new tokens exceeds the model's context of "
@@ -299,8 +336,10 @@ def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None =
         raise ConfigError(f"two methods share a name in {names}; give each a distinct name")
     gen = RulerGenerator(tokenizer, seed=seed)
     stops = stop_token_ids(tokenizer)
-    result = RulerResult(protocol_name(lengths, samples, tasks), lengths, list(tasks), samples)
-    jobs = [(t, n, i) for n in lengths for t in tasks for i in range(samples)]
+    result = RulerResult(protocol_name(lengths, samples, tasks), lengths, list(tasks), samples,
+                         sample_indices=None if sample_indices is None else indices)
+    jobs = [(t, n, i) for n in lengths for t in tasks for i in indices]
+    checked = set(indices[:full_check])
     reference = _reference_full(full_records, jobs, full_check) if full_records is not None else {}
     start = time.perf_counter()
     with eval_mode(model):
@@ -309,7 +348,7 @@ def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None =
             reused = reference.get((task, length, index))
             if reused is not None:
                 _check_same_prompt(reused, s)
-            run_full = reused is None or index < full_check
+            run_full = reused is None or index in checked
             active = [m for m in methods if m is not FULL or run_full]
             ids = torch.tensor([s.input_ids])
             shared = prefill(model, ids[:, :-1])[0] if any(m.shares_prefill for m in active) else None
