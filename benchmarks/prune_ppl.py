@@ -146,7 +146,7 @@ def main() -> int:
     record["peak_rss_mib_after_prune"] = peak_rss_mib()
     start, cpu = time.perf_counter(), time.process_time()
     result = perplexity(model, tok, windows=args.windows, show_progress=False)
-    record.update(ppl=result.ppl, protocol=result.protocol, tokens=result.tokens,
+    record.update(ppl=result.ppl, protocol=result.protocol, tokens=result.tokens, window_nll=list(result.window_nll),
                   eval_seconds=time.perf_counter() - start, eval_cpu_seconds=time.process_time() - cpu,
                   peak_rss_mib=peak_rss_mib(),
                   command="python " + " ".join(shlex.quote(a) for a in sys.argv),

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["sensitivity_source"] = report["sensitivity_source"]
         start, cpu_start = time.perf_counter(), time.process_time()
         r = perplexity(model, input_ids=ids, show_progress=False)
-        row.update(ppl=r.ppl, tokens=r.tokens, eval_seconds=time.perf_counter() - start,
+        row.update(ppl=r.ppl, tokens=r.tokens, window_nll=list(r.window_nll), eval_seconds=time.perf_counter() - start,
                    eval_cpu_seconds=time.process_time() - cpu_start, peak_rss_mib=peak_rss_mib(),
                    loadavg_end=os.getloadavg()[0])
         print(f"{setting}: ppl {r.ppl:.3f} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()
