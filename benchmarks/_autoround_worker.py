@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"AutoRound's weights are not on a g{args.group_size} {args.bits}-bit grid: "
                          f"{out['grid_check']}; not evaluating a model that is not the quantized one")
     start = time.perf_counter()
-    ppl, tokens = perplexity(model, windows)
-    out.update(ppl=ppl, tokens=tokens, eval_seconds=time.perf_counter() - start)
+    ppl, tokens, window_nll = perplexity(model, windows)
+    out.update(ppl=ppl, tokens=tokens, window_nll=window_nll, eval_seconds=time.perf_counter() - start)
     write_json_atomic(args.out, out)
     print(json.dumps({k: out[k] for k in ("ppl", "quantize_seconds", "peak_rss_mib")}), flush=True)
     return 0

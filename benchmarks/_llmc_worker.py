@@ -55,17 +55,20 @@ def rss_mib() -> float:
     return now if now is not None else peak_rss_mib()
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
-    """exp(mean next-token NLL over every predicted token of every window), fp32 logits (PPL-wiki-512)."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int, list[float]]:
+    """exp(mean next-token NLL over every predicted token of every window), fp32 logits (PPL-wiki-512); also the
+    predicted-token count and each window's mean NLL (for paired intervals, ``benchmarks/ppl_compare.py``)."""
     model.eval()
-    total, count = 0.0, 0
+    sums: list[float] = []
     with torch.no_grad():
         for batch in torch.split(windows, batch_size):
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             target = batch[:, 1:]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
-            count += target.numel()
-    return math.exp(total / count), count
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+            sums += nll.view(target.shape).double().sum(dim=1).tolist()
+    per_window = windows.size(1) - 1
+    count = per_window * len(sums)
+    return math.exp(math.fsum(sums) / count), count, [x / per_window for x in sums]
 
 
 def grid_check(model, bits: int, group_size: int) -> dict:
@@ -159,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         out["peak_rss_mib"] = peak_rss_mib()  # read before evaluation, whose logits would add to the peak
         out["grid_check"] = grid_check(model, args.bits, args.group_size)
     start = time.perf_counter()
-    ppl, tokens = perplexity(model, windows)
-    out.update(ppl=ppl, tokens=tokens, eval_seconds=time.perf_counter() - start)
+    ppl, tokens, window_nll = perplexity(model, windows)
+    out.update(ppl=ppl, tokens=tokens, window_nll=window_nll, eval_seconds=time.perf_counter() - start)
     write_json_atomic(args.out, out)
     print(json.dumps({k: v for k, v in out.items() if k in ("ppl", "quantize_seconds", "peak_rss_mib")}), flush=True)
     return 0

@@ -154,8 +154,8 @@ def worker(args: argparse.Namespace) -> int:
         if args.nm:
             out["nm_validity"] = nm_validity(model, *(int(x) for x in args.nm.split(":")))
     start = time.perf_counter()
-    ppl, tokens = perplexity(model, windows)
-    out.update(ppl=ppl, tokens=tokens, eval_seconds=time.perf_counter() - start)
+    ppl, tokens, window_nll = perplexity(model, windows)
+    out.update(ppl=ppl, tokens=tokens, window_nll=window_nll, eval_seconds=time.perf_counter() - start)
     write_json_atomic(args.out, out)
     print(json.dumps({k: out.get(k) for k in ("method", "ppl", "prune_seconds", "sparsity")}), flush=True)
     return 0

@@ -104,8 +104,8 @@ def _perplexity(model, windows, batch_size: int = 4) -> dict:
     """The llm-compressor worker's own loop (imported, so both sides share one harness)."""
     from _llmc_worker import perplexity  # benchmarks/ is on sys.path when this file runs as a script
 
-    ppl, count = perplexity(model, windows, batch_size)
-    return {"ppl": ppl, "tokens": count}
+    ppl, count, window_nll = perplexity(model, windows, batch_size)
+    return {"ppl": ppl, "tokens": count, "window_nll": window_nll}
 
 
 def _run(cmd: list[str], out: Path, log: Path, label: str, keys: tuple[str, ...] = RATIO_KEYS) -> dict:

@@ -3,12 +3,14 @@
     python benchmarks/ppl_compare.py benchmarks/results/prune/full/50pct_wanda.json \\
         benchmarks/results/prune/full/50pct_barber-wanda-lm.json
     python benchmarks/ppl_compare.py Q.json:gptq:3 Q.json:aptq:3.0:234     # rows of a quant_quality.py JSON
+    python benchmarks/ppl_compare.py S.json#rows.0.llmc S.json#rows.0.ours  # any record by its key path
 
-Each argument is a result JSON holding ``window_nll`` (``benchmarks/prune_ppl.py`` and ``benchmarks/quant_quality.py``
-record it since the ninth session; older JSONs have only the PPL and are refused), optionally ``:SETTING`` to pick
-a row of a JSON with ``rows``. The first is the base; every other is compared with it by
-:func:`compactlm.evaluation.paired_ppl_interval`. The interval is the evaluation text's sampling noise (which
-windows were drawn), not calibration-to-calibration variation.
+Each argument is a result JSON holding ``window_nll`` (``prune_ppl.py``, ``quant_quality.py`` and the
+llm-compressor / AutoRound side-by-side workers record it since the ninth session; older JSONs have only the PPL
+and are refused), optionally ``:SETTING`` to pick a row of a JSON with ``rows``, or ``#KEY.KEY...`` to follow a
+key path (list positions as numbers), e.g. a side of a ``llmc_side_by_side.py`` result. The first is the base;
+every other is compared with it by :func:`compactlm.evaluation.paired_ppl_interval`. The interval is the
+evaluation text's sampling noise (which windows were drawn), not calibration-to-calibration variation.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from compactlm.evaluation import paired_ppl_interval
 
 
 def load(spec: str) -> tuple[str, dict]:
-    path, _, setting = spec.partition(":")
+    spec_path, _, key_path = spec.partition("#")
+    path, _, setting = spec_path.partition(":")
     if not Path(path).is_file():
         raise SystemExit(f"{path}: no such file")
     d = json.loads(Path(path).read_text())
+    for key in key_path.split(".") if key_path else []:
+        try:
+            d = d[int(key)] if isinstance(d, list) else d[key]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise SystemExit(f"{spec}: no {key!r} on the key path") from None
     if setting:
         rows = [r for r in d.get("rows", []) if r.get("setting") == setting]
         if len(rows) != 1:

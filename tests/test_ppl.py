@@ -81,5 +81,30 @@ def test_ppl_compare_script(tmp_path, capsys):
     assert f"+{100 * (math.exp(0.1) - 1):.2f} %" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no window_nll"):
         script.main([str(tmp_path / "a.json"), str(tmp_path / "old.json")])
+    (tmp_path / "s.json").write_text(json.dumps({"rows": [{"ours": {"ppl": 15.0, "window_nll": base},
+                                                                "llmc": {"ppl": 14.0, "window_nll": base}}]}))
+    assert script.main([f"{tmp_path / 's.json'}#rows.0.llmc", f"{tmp_path / 's.json'}#rows.0.ours"]) == 0
+    assert "+0.00 %" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no 'theirs' on the key path"):
+        script.main([f"{tmp_path / 's.json'}#rows.0.theirs", str(tmp_path / "a.json")])
     with pytest.raises(SystemExit, match="0 rows named 'gptq:4'"):
         script.main([str(tmp_path / "a.json"), f"{tmp_path / 'q.json'}:gptq:4"])
+
+
+def test_side_by_side_worker_loop_matches_perplexity():
+    """The llm-compressor/AutoRound workers' own evaluation loop (no compactlm import there) gives the same PPL and
+    per-window NLLs as compactlm's perplexity, so paired intervals across the two harnesses compare like with like."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_llmc_worker.py"
+    spec = importlib.util.spec_from_file_location("_llmc_worker", path)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (5, 13), generator=torch.Generator().manual_seed(1))
+    ppl, tokens, window_nll = worker.perplexity(model, ids, batch_size=2)
+    ours = perplexity(model, input_ids=ids, batch_size=4, show_progress=False)
+    assert tokens == ours.tokens == 5 * 12
+    assert ppl == pytest.approx(ours.ppl, rel=1e-6)
+    assert window_nll == pytest.approx(list(ours.window_nll), rel=1e-6)
