@@ -42,6 +42,17 @@ def test_eval_ruler_json_has_full_beside(tiny_with_tokenizer, tmp_path):
     for m in data["methods"].values():
         assert 0 <= m["score"] <= 100 and set(m["tasks"]) == {"passkey", "niah_single"}
     assert data["command"].startswith("compactlm eval ruler") and "machine" in data
+    assert data["sample_indices"] is None
+
+
+def test_eval_ruler_sample_indices_runs_a_part(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "r.json"
+    rc = main(["eval", "ruler", tiny_with_tokenizer, "--lengths", "1k", "--samples", "4", "--sample-indices", "1::2",
+               "--tasks", "passkey", "--max-new-tokens", "2", "--json", str(out), "-q"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["sample_indices"] == [1, 3] and sorted(r["index"] for r in data["records"]) == [1, 3]
+    assert "--sample-indices 1::2" in data["command"]
 
 
 def test_eval_ppl_decode_json(tiny_with_tokenizer, tmp_path):
@@ -58,6 +69,7 @@ def test_eval_ppl_decode_json(tiny_with_tokenizer, tmp_path):
     (["eval", "ruler", "tiny-llama", "--lengths", "2q"], "lengths"),
     (["eval", "ruler", "tiny-llama", "--tasks", "bogus"], "task"),
     (["eval", "ruler", "tiny-llama"], "tokenizer"),
+    (["eval", "ruler", "tiny-llama", "--samples", "4", "--sample-indices", "4"], "outside 0..3"),
     (["generate", "tiny-llama", "--prompt", "hi", "--kv", "int2,int4"], "one method"),
     (["generate", "tiny-llama", "--prompt-file", "/nonexistent/p.txt"], "does not exist"),
     (["generate", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),

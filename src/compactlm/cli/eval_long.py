@@ -31,6 +31,10 @@ def register(groups) -> None:
     p.add_argument("--lengths", default="2k,4k", help="context lengths, e.g. 2k,4k (RULER-syn: 2k,4k,8k)")
     p.add_argument("--samples", type=int, default=5, help="samples per task and length (RULER-syn: 20; -q: 5)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the 8 tasks (default: all)")
+    p.add_argument("--sample-indices", default=None, metavar="SPEC",
+                   help="run only these of the --samples prompts per task and length, a slice (0::4) or a list "
+                        "(0,4,8): one depth-stratified part of a long run; parts merge with "
+                        "benchmarks/results/longctx/ruler_table.py --merge")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (protocol: 32)")
     p.set_defaults(func=run_ruler_cmd)
@@ -68,22 +72,23 @@ def _load(args):
 
 def run_ruler_cmd(args) -> int:
     from ..evaluation.generate import resolve_methods
-    from ..evaluation.ruler import TASKS, check_tasks, parse_lengths, run_ruler
+    from ..evaluation.ruler import TASKS, check_tasks, parse_lengths, parse_sample_indices, run_ruler
     from ..utils import machine_info
 
     lengths = parse_lengths(args.lengths)
     tasks = check_tasks(args.tasks.split(",")) if args.tasks else TASKS
+    indices = parse_sample_indices(args.sample_indices, args.samples) if args.sample_indices else None
     model, tok = _load(args)
     methods = resolve_methods(model, args.kv, args.attn)
     result = run_ruler(model, tok, methods, lengths=lengths, samples=args.samples, tasks=tasks, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, sample_indices=indices)
     rows = [{"method": n, "score": r["score"], **{f"{k}": v["score"] for k, v in r["by_length"].items()},
              **r["tasks"]} for n, r in result.methods.items()]
     print(f"{result.protocol}: {args.model} {args.dtype}, {result.seconds:.0f} s")
     print_table(rows)
     emit_json(args.json, {"model": args.model, "dtype": args.dtype, **result.to_dict(),
-                          "command": _command(args, "ruler", ["kv", "attn", "lengths", "samples", "tasks", "seed",
-                                                               "max-new-tokens"]),
+                          "command": _command(args, "ruler", ["kv", "attn", "lengths", "samples", "tasks",
+                                                               "sample-indices", "seed", "max-new-tokens"]),
                           "machine": machine_info(args.dtype)})
     return 0
 
