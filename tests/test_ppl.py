@@ -87,6 +87,10 @@ def test_ppl_compare_script(tmp_path, capsys):
     assert "+0.00 %" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no 'theirs' on the key path"):
         script.main([f"{tmp_path / 's.json'}#rows.0.theirs", str(tmp_path / "a.json")])
+    with pytest.raises(SystemExit, match="no such file"):
+        script.main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="at least one to compare"):
+        script.main([str(tmp_path / "a.json")])
     with pytest.raises(SystemExit, match="0 rows named 'gptq:4'"):
         script.main([str(tmp_path / "a.json"), f"{tmp_path / 'q.json'}:gptq:4"])
 
