@@ -32,12 +32,16 @@ def test_generate_prints_only_the_text(tiny_with_tokenizer, capsys):
     assert "kv-int2" in out.err  # what ran is reported on stderr, never stdout
 
 
-def test_eval_ruler_json_has_full_beside(tiny_with_tokenizer, tmp_path):
+def _ruler_json(model: str, tmp_path, *options: str) -> dict:
+    """``compactlm eval ruler`` at 1K on ``model`` with ``options``; its JSON (the run must succeed)."""
     out = tmp_path / "r.json"
-    rc = main(["eval", "ruler", tiny_with_tokenizer, "--kv", "int4", "--lengths", "1k", "--samples", "1",
-               "--tasks", "passkey,niah_single", "--max-new-tokens", "3", "--json", str(out), "-q"])
-    assert rc == 0
-    data = json.loads(out.read_text())
+    assert main(["eval", "ruler", model, "--lengths", "1k", *options, "--json", str(out), "-q"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_ruler_json_has_full_beside(tiny_with_tokenizer, tmp_path):
+    data = _ruler_json(tiny_with_tokenizer, tmp_path, "--kv", "int4", "--samples", "1",
+                       "--tasks", "passkey,niah_single", "--max-new-tokens", "3")
     assert set(data["methods"]) == {"full", "kv-int4-g32-r128"}
     for m in data["methods"].values():
         assert 0 <= m["score"] <= 100 and set(m["tasks"]) == {"passkey", "niah_single"}
@@ -46,11 +50,8 @@ def test_eval_ruler_json_has_full_beside(tiny_with_tokenizer, tmp_path):
 
 
 def test_eval_ruler_sample_indices_runs_a_part(tiny_with_tokenizer, tmp_path):
-    out = tmp_path / "r.json"
-    rc = main(["eval", "ruler", tiny_with_tokenizer, "--lengths", "1k", "--samples", "4", "--sample-indices", "1::2",
-               "--tasks", "passkey", "--max-new-tokens", "2", "--json", str(out), "-q"])
-    assert rc == 0
-    data = json.loads(out.read_text())
+    data = _ruler_json(tiny_with_tokenizer, tmp_path, "--samples", "4", "--sample-indices", "1::2",
+                       "--tasks", "passkey", "--max-new-tokens", "2")
     assert data["sample_indices"] == [1, 3] and sorted(r["index"] for r in data["records"]) == [1, 3]
     assert "--sample-indices 1::2" in data["command"]
 
