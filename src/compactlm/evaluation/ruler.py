@@ -91,13 +91,19 @@ def parse_sample_indices(text: str, samples: int) -> list[int]:
             indices = [int(f) for f in spec.split(",") if f.strip()]
     except ValueError:
         raise ConfigError(f"sample indices {text!r}: expected a slice like 0::4 or a list like 0,4,8") from None
+    return check_sample_indices(indices, samples)
+
+
+def check_sample_indices(indices, samples: int, name: str = "sample indices") -> list[int]:
+    """``indices`` sorted, after checking they are distinct, in ``0..samples-1`` and not empty (``name`` in errors)."""
+    indices = list(indices)
     bad = [i for i in indices if not 0 <= i < samples]
     if bad:
-        raise ConfigError(f"sample indices {bad} are outside 0..{samples - 1} (the run has {samples} samples)")
+        raise ConfigError(f"{name} {bad} are outside 0..{samples - 1} (the run has {samples} samples)")
     if len(set(indices)) != len(indices):
-        raise ConfigError(f"sample indices {text!r} repeat an index")
+        raise ConfigError(f"{name} {indices} repeat an index")
     if not indices:
-        raise ConfigError(f"sample indices {text!r} select no sample of {samples}")
+        raise ConfigError(f"{name} select no sample of {samples}")
     return sorted(indices)
 
 
@@ -323,9 +329,8 @@ def run_ruler(model: nn.Module, tokenizer, methods: list[RuntimeMethod] | None =
     lengths = list(lengths)
     if samples < 1:
         raise ConfigError(f"samples must be ≥ 1, got {samples}")
-    indices = list(range(samples)) if sample_indices is None else sorted(sample_indices)
-    if not indices or len(set(indices)) != len(indices) or not all(0 <= i < samples for i in indices):
-        raise ConfigError(f"sample_indices must be distinct indices in 0..{samples - 1}, got {sample_indices}")
+    indices = (list(range(samples)) if sample_indices is None
+               else check_sample_indices(sample_indices, samples, name="sample_indices"))
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max(lengths) + max_new_tokens > limit:
         raise ConfigError(f"length {max(lengths)} + {max_new_tokens} new tokens exceeds the model's context of "
