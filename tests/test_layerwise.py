@@ -169,3 +169,104 @@ def test_quantizing_a_checkpoint_mapped_from_disk_is_unchanged_by_page_release(t
     assert all(torch.equal(sd_ours[k], sd_ref[k]) for k in sd_ours)
     if layerwise._file_mappings():
         assert sum(released) > 0  # the checkpoint was mapped, and pages were in fact released
+
+
+def _count_attention_forwards(monkeypatch, model):
+    """Count calls of the attention class's own forward (the memo reuses outputs without calling it)."""
+    cls = type(get_adapter(model).attention(0))
+    calls = [0]
+    original = cls.forward
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", counting)
+    return calls
+
+
+def _compress(kind, model, calib):
+    import compactlm
+    from compactlm.prune import Barber, SparseGPT, Wanda
+    from compactlm.quant.gptq import GPTQ
+
+    if kind == "gptq":
+        return compactlm.quantize(model, GPTQ(bits=3, group_size=16, batch_size=2), calib=calib)
+    config = {"sparsegpt": SparseGPT(sparsity=0.5, blocksize=16), "wanda": Wanda(pattern="2:4"),
+              "barber_lm": Barber(init=SparseGPT(sparsity=0.5, blocksize=16), objective="lm", heldout=2, search_ratios=(0.1, 1.0),
+                                  rounds=1)}[kind]
+    return compactlm.prune(model, config, calib=calib, batch_size=2)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "gptq"), ("qwen3", "gptq"), ("gemma3", "gptq"),
+                                         ("qwen2_moe", "gptq"), ("llama", "sparsegpt"), ("llama", "wanda"),
+                                         ("llama", "barber_lm")])
+def test_attention_memo_changes_no_result_and_saves_attention_forwards(monkeypatch, family, kind):
+    """Reusing attention outputs across a layer's passes is exact: every weight is bit-identical to recomputing
+    them, and true-sequential methods run the attention fewer times (Barber-LM's gradient passes never reuse)."""
+    calib = torch.randint(3, 200, (6, 40), generator=torch.Generator().manual_seed(1))
+    weights, calls = [], []
+    for reuse in (False, True):
+        with monkeypatch.context() as m:
+            if not reuse:
+                m.setattr(layerwise, "_attention_memo", lambda adapter, i: None)
+            model = tiny_model(family, seed=0)
+            counter = _count_attention_forwards(m, model)
+            _compress(kind, model, calib)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        calls.append(counter[0])
+    assert weights[0].keys() == weights[1].keys()
+    for n in weights[0]:
+        assert torch.equal(weights[0][n], weights[1][n]), n
+    if kind == "wanda":  # one pass with the dense attention, then the pruned one: nothing to reuse
+        assert calls[1] == calls[0]
+    else:  # the MLP groups' passes and the final pass reuse the attention of the gate/up pass
+        assert calls[1] < calls[0]
+
+
+def _memo_setup():
+    model = tiny_model("llama", seed=0)
+    adapter = get_adapter(model)
+    calib = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(2))
+    inputs, kwargs = layerwise.capture_inputs(model, adapter, calib, 2, torch.device("cpu"))
+    ctx = layerwise.LayerContext(0, adapter.layers[0], adapter.layer_prefix(0), adapter, inputs, kwargs[0],
+                                 torch.device("cpu"))
+    memo = layerwise.AttentionMemo(adapter.layers[0], adapter.attention(0), adapter.mlp(0))
+    ctx.memo = memo
+    return adapter, ctx, memo
+
+
+@torch.no_grad()
+def test_attention_memo_reuses_only_while_nothing_upstream_changed():
+    adapter, ctx, memo = _memo_setup()
+    attn = adapter.attention(0)
+    with memo:
+        first = ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 0
+        assert torch.equal(ctx.run(ctx.inputs[0], batch=0), first) and memo.hits == 1
+        ctx.run(ctx.inputs[1], batch=1)  # another batch: stored, not reused
+        assert memo.hits == 1
+        adapter.mlp(0).down_proj.weight.mul_(0.5)  # the MLP does not feed the attention: still reused
+        ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 2
+        ctx.run(ctx.inputs[0])  # no batch index: the input is not known to be the batch's
+        assert memo.hits == 2
+        attn.q_proj.weight.mul_(0.5)  # an attention weight changed: recomputed
+        changed = ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 2 and not torch.equal(changed, first)
+        adapter.layers[0].input_layernorm.weight.add_(1.0)  # the norm before it too
+        ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 2
+        ctx.inputs[0].mul_(2.0)  # the batch's input modified in place
+        ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 2
+        ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 3
+        handle = attn.k_proj.register_forward_hook(lambda *a: None)  # a hook inside must fire: recomputed
+        ctx.run(ctx.inputs[0], batch=0)
+        handle.remove()
+        assert memo.hits == 3
+        with torch.enable_grad():  # gradients need the real graph
+            ctx.run(ctx.inputs[0], batch=0)
+        assert memo.hits == 3
+    assert "forward" not in attn.__dict__  # the patch is removed on exit
