@@ -188,18 +188,22 @@ def _count_attention_forwards(monkeypatch, model):
 def _compress(kind, model, calib):
     import compactlm
     from compactlm.prune import Barber, SparseGPT, Wanda
+    from compactlm.quant.aptq import APTQ
     from compactlm.quant.gptq import GPTQ
 
     if kind == "gptq":
         return compactlm.quantize(model, GPTQ(bits=3, group_size=16, batch_size=2), calib=calib)
+    if kind == "aptq":
+        return compactlm.quantize(model, APTQ(avg_bits=3.0, group_size=16, batch_size=2), calib=calib)
     config = {"sparsegpt": SparseGPT(sparsity=0.5, blocksize=16), "wanda": Wanda(pattern="2:4"),
-              "barber_lm": Barber(init=SparseGPT(sparsity=0.5, blocksize=16), objective="lm", heldout=2, search_ratios=(0.1, 1.0),
-                                  rounds=1)}[kind]
+              "barber_lm": Barber(init=SparseGPT(sparsity=0.5, blocksize=16), objective="lm", heldout=2,
+                                  search_ratios=(0.1, 1.0), rounds=1)}[kind]
     return compactlm.prune(model, config, calib=calib, batch_size=2)
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "gptq"), ("qwen3", "gptq"), ("gemma3", "gptq"),
-                                         ("qwen2_moe", "gptq"), ("llama", "sparsegpt"), ("llama", "wanda"),
+                                         ("qwen2_moe", "gptq"), ("llama", "aptq"), ("llama", "sparsegpt"),
+                                         ("llama", "wanda"),
                                          ("llama", "barber_lm")])
 def test_attention_memo_changes_no_result_and_saves_attention_forwards(monkeypatch, family, kind):
     """Reusing attention outputs across a layer's passes is exact: every weight is bit-identical to recomputing
