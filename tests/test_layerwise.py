@@ -274,3 +274,35 @@ def test_attention_memo_reuses_only_while_nothing_upstream_changed():
             ctx.run(ctx.inputs[0], batch=0)
         assert memo.hits == 3
     assert "forward" not in attn.__dict__  # the patch is removed on exit
+
+
+def test_attention_reuse_block_and_cli_flags_turn_the_memo_off(monkeypatch):
+    calib = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(3))
+    calls = []
+    for enabled in (True, False):
+        with monkeypatch.context() as m:
+            model = tiny_model("llama", seed=0)
+            counter = _count_attention_forwards(m, model)
+            with layerwise.attention_reuse(enabled):
+                _compress("gptq", model, calib)
+            calls.append(counter[0])
+    assert calls[0] < calls[1]
+    assert layerwise._REUSE_ATTENTION.get() is True  # restored after the block
+
+    import compactlm.prune
+    from compactlm.cli import main
+
+    class Seen(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        raise Seen(layerwise._REUSE_ATTENTION.get())
+
+    monkeypatch.setattr(compactlm.prune, "prune", record)
+    monkeypatch.setattr(compactlm, "quantize", record)
+    for argv in (["prune", "tiny-llama", "--method", "magnitude", "--sparsity", "0.5"],
+                 ["quantize", "tiny-llama", "--method", "rtn", "--bits", "4", "--group-size", "16"]):
+        for flag, expected in (([], True), (["--no-attention-reuse"], False)):
+            with pytest.raises(Seen) as seen:
+                main([*argv, *flag, "--out", "/nonexistent/x", "-q"])
+            assert seen.value.args == (expected,), (argv, flag)

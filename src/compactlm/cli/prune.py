@@ -55,6 +55,9 @@ def register(groups) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     p.add_argument("--format", default="auto", choices=["auto", "dense", "sparse-24-bitmask"],
                    help="weight storage in --out (auto: sparse-24-bitmask when every pruned linear is 2:4)")
+    p.add_argument("--no-attention-reuse", action="store_true",
+                   help="recompute attention outputs in every calibration pass instead of reusing them (identical "
+                        "result, slower; holds one set of layer activations less)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=run)
@@ -87,6 +90,7 @@ def run(args) -> int:
 
     from ..data import calibration_set
     from ..errors import DataError
+    from ..layerwise import attention_reuse
     from ..models import load
     from ..prune import Magnitude, prune, save_sparse
     from ..utils import machine_info, peak_rss_mib
@@ -103,7 +107,8 @@ def run(args) -> int:
                             "use --method magnitude or a model with a tokenizer")
         calib = calibration_set(tok, args.calib, nsamples=args.calib_samples, seqlen=args.calib_seqlen, seed=0)
     start = time.perf_counter()
-    report = prune(model, config, calib=calib, batch_size=args.batch_size)
+    with attention_reuse(not args.no_attention_reuse):
+        report = prune(model, config, calib=calib, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     save_sparse(model, out, tokenizer=tok, prune_config=config, report=report, format=args.format,
                 overwrite=args.overwrite)

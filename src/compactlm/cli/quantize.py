@@ -41,6 +41,9 @@ def register(groups) -> None:
     p.add_argument("--calib-data", default="essays", help="calibration text source (never the eval text)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ/APTQ: natural column order")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ/APTQ dampening fraction (0.01)")
+    p.add_argument("--no-attention-reuse", action="store_true",
+                   help="recompute attention outputs in every calibration pass instead of reusing them (identical "
+                        "result, slower; holds one set of layer activations less)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--export", choices=["compressed-tensors"], help="write vLLM's compressed-tensors format instead")
@@ -95,11 +98,13 @@ def run(args) -> int:
                             f"{args.method}; use --method rtn or a model with a tokenizer")
         calib = calibration_set(tok, args.calib_data, nsamples=args.calib_samples, seqlen=args.calib_seqlen)
     from .. import quantize
+    from ..layerwise import attention_reuse
 
     report: dict = {}
     start = time.perf_counter()
     options = {"sensitivity_cache": args.sensitivity_cache} if args.method == "aptq" else {}
-    quantize(model, cfg, calib=calib, report=report, **options)
+    with attention_reuse(not args.no_attention_reuse):
+        quantize(model, cfg, calib=calib, report=report, **options)
     seconds = time.perf_counter() - start
     summary = quant_summary(model)
     if args.export == "compressed-tensors":
