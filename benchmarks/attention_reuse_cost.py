@@ -12,7 +12,6 @@ invocation, on the same machine, interleaved so that a load change affects both 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -45,6 +44,9 @@ def worker(method: str, nsamples: int, reuse: bool, out: str) -> None:
     from compactlm import layerwise
     from compactlm.data import calibration_set
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from aptq_sensitivity_cache import state_digest  # the same SHA-256 over the state dict
+
     model, tok = compactlm.models.load("smollm2-135m")
     calib = calibration_set(tok, "essays", nsamples=nsamples, seqlen=512)
     compactlm.utils.set_quiet(True)
@@ -58,24 +60,19 @@ def worker(method: str, nsamples: int, reuse: bool, out: str) -> None:
         return original(self, *args, **kwargs)
 
     cls.forward = counting
-    if not reuse:
-        layerwise._attention_memo = lambda adapter, i: None
     config = _config(method)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cpu, wall = time.process_time(), time.time()
-    if method.startswith("gptq"):
-        compactlm.quantize(model, config, calib=calib)
-    else:
-        compactlm.prune(model, config, calib=calib)
+    with layerwise.attention_reuse(reuse):
+        if method.startswith("gptq"):
+            compactlm.quantize(model, config, calib=calib)
+        else:
+            compactlm.prune(model, config, calib=calib)
     cpu, wall = time.process_time() - cpu, time.time() - wall
-    digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     Path(out).write_text(json.dumps({
         "reuse_attention": reuse, "cpu_seconds": cpu, "wall_seconds": wall, "attention_forwards": calls[0],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mib": rss_before,
-        "weights_sha256": digest.hexdigest(), "loadavg_end": os.getloadavg()}))
+        "weights_sha256": state_digest(model), "loadavg_end": os.getloadavg()}))
 
 
 def main() -> None:

@@ -21,6 +21,13 @@ def add_common(parser: argparse.ArgumentParser, model: bool = True, json_out: bo
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def add_attention_reuse_flag(parser: argparse.ArgumentParser) -> None:
+    """``--no-attention-reuse`` for the commands that run the layer-wise calibration driver."""
+    parser.add_argument("--no-attention-reuse", action="store_true",
+                        help="recompute attention outputs in every calibration pass instead of reusing them "
+                             "(identical result, slower; holds one set of layer activations less)")
+
+
 def add_bench_args(parser: argparse.ArgumentParser, *, lengths: str, lengths_help: str, threads: int | None,
                    threads_help: str, min_repeats: int = 1) -> None:
     """The arguments every ``compactlm bench`` timing command takes (random inputs, no model).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .common import add_common, emit_json, print_table
+from .common import add_attention_reuse_flag, add_common, emit_json, print_table
 
 
 def register(groups) -> None:
@@ -55,9 +55,7 @@ def register(groups) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     p.add_argument("--format", default="auto", choices=["auto", "dense", "sparse-24-bitmask"],
                    help="weight storage in --out (auto: sparse-24-bitmask when every pruned linear is 2:4)")
-    p.add_argument("--no-attention-reuse", action="store_true",
-                   help="recompute attention outputs in every calibration pass instead of reusing them (identical "
-                        "result, slower; holds one set of layer activations less)")
+    add_attention_reuse_flag(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_common, emit_json, print_table
+from .common import add_attention_reuse_flag, add_common, emit_json, print_table
 
 
 def register(groups) -> None:
@@ -41,9 +41,7 @@ def register(groups) -> None:
     p.add_argument("--calib-data", default="essays", help="calibration text source (never the eval text)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ/APTQ: natural column order")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ/APTQ dampening fraction (0.01)")
-    p.add_argument("--no-attention-reuse", action="store_true",
-                   help="recompute attention outputs in every calibration pass instead of reusing them (identical "
-                        "result, slower; holds one set of layer activations less)")
+    add_attention_reuse_flag(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--export", choices=["compressed-tensors"], help="write vLLM's compressed-tensors format instead")
