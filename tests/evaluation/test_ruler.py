@@ -205,3 +205,50 @@ def test_default_tokenizer_lengths_and_chat_template(default_model):
         assert abs(len(s.input_ids) - 2048) <= 0.05 * 2048, (task, len(s.input_ids))
         text = tok.decode(list(s.input_ids))
         assert text.startswith("<|im_start|>") and "<|im_start|>assistant" in text
+
+
+def test_ruler_table_pools_lengths_and_checks_the_runs(tmp_path):
+    """--pool: lengths from separate runs scored together (mean over lengths of the task means), a method kept only
+    where it ran every prompt; a length's runs must be complete, and two runs that disagree on a prompt stop it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "longctx" / "ruler_table.py"
+    spec = importlib.util.spec_from_file_location("ruler_table", root)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def run(path, length, methods, scores, samples=2, tasks=("a", "b")):
+        recs = [{"method": m, "task": t, "length": length, "index": i, "score": scores[m](t, i), "output": f"{m}{t}{i}"
+                 if m != "full" else f"full{t}{i}"} for m in methods for t in tasks for i in range(samples)]
+        for r in recs:  # a method that scores like full writes full's text
+            if r["score"] == scores["full"](r["task"], r["index"]):
+                r["output"] = f"full{r['task']}{r['index']}"
+        d = {"protocol": f"test {length}", "command": "test", "machine": {}, "seconds": 1.0, "samples": samples,
+             "lengths": [length], "tasks": list(tasks), "methods": {m: None for m in methods}, "records": recs,
+             "chunks_done": [[length, t] for t in tasks], "complete": True}
+        path.write_text(json.dumps(d))
+        return str(path)
+
+    full = lambda t, i: 100.0 if i == 0 else 0.0  # noqa: E731
+    half = lambda t, i: 50.0 if i == 0 else 0.0  # noqa: E731
+    a = run(tmp_path / "a.json", 512, ["full", "q"], {"full": full, "q": half})
+    b = run(tmp_path / "b.json", 1024, ["full", "q", "only_here"], {"full": full, "q": full, "only_here": full})
+    c = run(tmp_path / "c.json", 1024, ["full", "extra"], {"full": full, "extra": half})  # a second run, same prompts
+    pooled = table.pool([a, b, c])
+    assert pooled["methods"] == ["full", "q"] and set(pooled["left_out"]) == {"only_here", "extra"}
+    assert len(pooled["full"]) == 8 and pooled["samples"] == {512: 2, 1024: 2}
+    text = table.pooled_table(pooled)
+    # full: 50 at both lengths; q: 25 at 512, 50 at 1024 -> 37.5, Δ -12.5; 2 of 8 prompts differ, both down.
+    assert "| full | 50.0 | 50.0 | 50.0 |" in text and "| q | 25.0 | 50.0 | 37.5 | -12.50 |" in text
+    assert "2/8 (0 up, 2 down)" in text and "Not at every length (left out)" in text
+
+    bad = run(tmp_path / "bad.json", 1024, ["full", "extra"], {"full": half, "extra": half})
+    with pytest.raises(SystemExit, match="disagree"):
+        table.pool([a, b, bad])
+    partial = json.loads(Path(a).read_text())
+    partial["chunks_done"] = partial["chunks_done"][:1]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    with pytest.raises(SystemExit, match="not complete"):
+        table.pool([str(tmp_path / "partial.json"), b])

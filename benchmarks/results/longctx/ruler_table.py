@@ -20,9 +20,17 @@ it holds.
 JSONs of ``benchmarks/prefill_ruler.py`` (dense vs sparse prefill) are read too: they run every (length, task) of
 their lists in one go and have no ``chunks_done``/``complete`` keys, so all their chunks count as done.
 
+``--pool`` puts several lengths together (the protocol's score averages the lengths): the files are grouped by
+their methods and lengths, each group is merged as above and must be complete, and the methods common to all
+groups are scored over every length — the mean over lengths of each length's 8-task mean — with the paired
+bootstrap stratified by (length, task). At 20 samples, 2K + 4K + 8K pool 480 prompts per method, which narrows
+the interval of a small Δ (issue 5's "int4 within 0.5 points") that no single length can decide.
+
     python benchmarks/results/longctx/ruler_table.py benchmarks/results/longctx/ruler_syn_q_2k_union_epyc.json
     python benchmarks/results/longctx/ruler_table.py --merge benchmarks/results/longctx/ruler_syn_q_4k_union_epyc.json \
         benchmarks/results/longctx/ruler_syn_q_4k_passkey_union_epyc.json
+    cd benchmarks/results/longctx && python ruler_table.py --pool ruler_syn_{2k,4k}_s20_{a,b}_epyc.json \
+        ruler_syn_8k_s20_i{0,1,2}s4_{a,b}_epyc.json ruler_syn_8k_s20_i3s4_p{1,2,3,4}_epyc.json
 """
 
 from __future__ import annotations
@@ -36,12 +44,13 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def paired_interval(diffs: dict[str, list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def paired_interval(diffs: dict, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of the 8-task mean of (method − full) by a paired bootstrap over prompts.
 
-    ``diffs`` maps each task to its prompts' score differences against full on the same prompt. Prompts are
-    resampled with replacement inside each task (stratified, so every task keeps its weight in the mean, as in
-    the score), and the pairing keeps the prompt-to-prompt noise both methods share out of the interval.
+    ``diffs`` maps each task (or each (length, task) stratum, :func:`pool`) to its prompts' score differences
+    against full on the same prompt. Prompts are resampled with replacement inside each stratum (so every task
+    keeps its weight in the mean, as in the score), and the pairing keeps the prompt-to-prompt noise both methods
+    share out of the interval.
     """
     rng = random.Random(seed)
     tasks = [t for t, d in diffs.items() if d]
@@ -96,6 +105,81 @@ def merge(paths: list[str]) -> dict:
                       for p, d in zip(paths, parts, strict=True)]}
 
 
+def pool(paths: list[str]) -> dict:
+    """Every length of the given files together: groups (same methods and lengths) merged, then pooled.
+
+    Two groups may hold the same prompts of one method (each separate run has its own full attention): such
+    records are kept once if they agree in output and score, and are an error if not (the run is not
+    reproducible, and which copy to pair against would be a choice). A method enters the pooled table only if
+    it ran every prompt full attention ran, at every length.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for p in paths:
+        d = json.load(open(p))
+        groups.setdefault((tuple(d["methods"]), tuple(sorted(d["lengths"]))), []).append(p)
+    records: dict[tuple, dict] = {}
+    order: list[str] = []
+    for (methods, lengths), group in groups.items():
+        m = merge(group)
+        if not m["complete"]:
+            raise SystemExit(f"--pool: the runs at length(s) {list(lengths)} are not complete ({' '.join(group)}): "
+                             "pooling a partial length would weigh it by the prompts that happen to be there")
+        order += [x for x in methods if x not in order]
+        for r in m["records"]:
+            key = (r["method"], r["task"], r["length"], r["index"])
+            seen = records.setdefault(key, r)
+            if (seen["score"], seen["output"].strip()) != (r["score"], r["output"].strip()):
+                raise SystemExit(f"--pool: two runs disagree on {key} (score {seen['score']} vs {r['score']}); "
+                                 "their prompts or outputs are not the same")
+    full = {k[1:]: r for k, r in records.items() if k[0] == "full"}
+    if not full:
+        raise SystemExit("--pool: no full-attention records to pair against")
+    lengths = sorted({k[1] for k in full})
+    tasks = {n: sorted({k[0] for k in full if k[1] == n}) for n in lengths}
+    if any(t != tasks[lengths[0]] for t in tasks.values()):
+        raise SystemExit(f"--pool: the lengths ran different tasks ({tasks}); the pooled mean would weigh them "
+                         "unevenly")
+    methods = [m for m in order if all((m, *k) in records for k in full)]
+    left_out = [m for m in order if m not in methods]
+    return {"methods": methods, "left_out": left_out, "lengths": lengths, "tasks": tasks[lengths[0]],
+            "records": [r for k, r in records.items() if k[0] in methods and k[1:] in full], "full": full,
+            "samples": {n: len({k[2] for k in full if k[1] == n}) for n in lengths}}
+
+
+def pooled_table(d: dict) -> str:
+    """Per method: each length's 8-task mean, their mean, and Δ vs full with its paired interval."""
+    lengths, tasks, full = d["lengths"], d["tasks"], d["full"]
+    n_prompts = len(full)
+    per_length_samples = ", ".join(f"{n}: {k} samples" for n, k in d["samples"].items())
+    out = [f"All lengths pooled ({per_length_samples}; {len(tasks)} "
+           f"tasks; {n_prompts} prompts per method, each length weighing 1/{len(lengths)}):", "",
+           "| method | " + " | ".join(str(n) for n in lengths) + " | all lengths | Δ vs full | Δ 95 % interval | "
+           "prompts ≠ full score |", "|---" * (len(lengths) + 5) + "|"]
+    full_score = None
+    for m in d["methods"]:
+        rows = [r for r in d["records"] if r["method"] == m]
+        per_length = {n: _mean([_mean([r["score"] for r in rows if r["length"] == n and r["task"] == t])
+                                for t in tasks]) for n in lengths}
+        score = _mean(list(per_length.values()))
+        cells = " | ".join(f"{per_length[n]:.1f}" for n in lengths)
+        if m == "full":
+            full_score = score
+            out.append(f"| full | {cells} | {score:.1f} | — | — | — |")
+            continue
+        pairs = [(r, full[(r["task"], r["length"], r["index"])]) for r in rows]
+        diffs: dict[tuple, list[float]] = {}
+        for r, f in pairs:
+            diffs.setdefault((r["length"], r["task"]), []).append(r["score"] - f["score"])
+        lo, hi = paired_interval(diffs)
+        differ = sum(r["score"] != f["score"] for r, f in pairs)
+        up = sum(r["score"] > f["score"] for r, f in pairs)
+        out.append(f"| {m} | {cells} | {score:.1f} | {score - full_score:+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
+                   f"{differ}/{len(pairs)} ({up} up, {differ - up} down) |")
+    if d["left_out"]:
+        out += ["", "Not at every length (left out): " + ", ".join(d["left_out"])]
+    return "\n".join(out)
+
+
 def tables(d: dict, name: str) -> str:
     recs = d["records"]
     full = {(r["task"], r["length"], r["index"]): r for r in recs if r["method"] == "full"}
@@ -145,6 +229,8 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] == "--merge":
         print(tables(merge(args[1:]), " + ".join(args[1:])))
+    elif args and args[0] == "--pool":
+        print(pooled_table(pool(args[1:])))
     else:
         for p in args:
             print(tables(json.load(open(p)), p))
