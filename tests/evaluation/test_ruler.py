@@ -252,3 +252,9 @@ def test_ruler_table_pools_lengths_and_checks_the_runs(tmp_path):
     (tmp_path / "partial.json").write_text(json.dumps(partial))
     with pytest.raises(SystemExit, match="not complete"):
         table.pool([str(tmp_path / "partial.json"), b])
+    other_tasks = run(tmp_path / "t.json", 2048, ["full", "q"], {"full": full, "q": full}, tasks=("a", "c"))
+    with pytest.raises(SystemExit, match="different tasks"):
+        table.pool([a, other_tasks])
+    no_full = run(tmp_path / "n.json", 512, ["q"], {"full": full, "q": half})
+    with pytest.raises(SystemExit, match="no full-attention records"):
+        table.pool([no_full])
