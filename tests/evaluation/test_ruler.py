@@ -154,12 +154,22 @@ def test_parse_sample_indices():
             parse_sample_indices(spec, 20)
 
 
+def _ruler_table():
+    """benchmarks/results/longctx/ruler_table.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "longctx" / "ruler_table.py"
+    spec = importlib.util.spec_from_file_location("ruler_table", root)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
 def test_sample_subsets_are_parts_of_the_whole_run(tmp_path):
     """Two stride parts make exactly the records of the whole run: the same prompts (depth from the whole run's
     sample count), the same outputs; and the ruler_table merge of the two parts is complete only with both."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     model = tiny_model("llama", max_position_embeddings=2048)
     kw = dict(lengths=[512], samples=4, tasks=("passkey", "niah_single"), max_new_tokens=3)
@@ -176,10 +186,7 @@ def test_sample_subsets_are_parts_of_the_whole_run(tmp_path):
     again = run_ruler(model, ByteTokenizer(), sample_indices=[1, 3], full_records=whole.records, **kw)
     assert (again.full_checked, again.full_reused) == (2, 2)
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "longctx" / "ruler_table.py"
-    spec = importlib.util.spec_from_file_location("ruler_table", root)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _ruler_table()
 
     def part(res, path):
         d = {**res.to_dict(), "command": "test", "machine": {}, "chunks_done": [[512, t] for t in kw["tasks"]]}
@@ -210,21 +217,16 @@ def test_default_tokenizer_lengths_and_chat_template(default_model):
 def test_ruler_table_pools_lengths_and_checks_the_runs(tmp_path):
     """--pool: lengths from separate runs scored together (mean over lengths of the task means), a method kept only
     where it ran every prompt; a length's runs must be complete, and two runs that disagree on a prompt stop it."""
-    import importlib.util
     import json
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "longctx" / "ruler_table.py"
-    spec = importlib.util.spec_from_file_location("ruler_table", root)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _ruler_table()
 
     def run(path, length, methods, scores, samples=2, tasks=("a", "b")):
-        recs = [{"method": m, "task": t, "length": length, "index": i, "score": scores[m](t, i), "output": f"{m}{t}{i}"
-                 if m != "full" else f"full{t}{i}"} for m in methods for t in tasks for i in range(samples)]
-        for r in recs:  # a method that scores like full writes full's text
-            if r["score"] == scores["full"](r["task"], r["index"]):
-                r["output"] = f"full{r['task']}{r['index']}"
+        # a method that scores like full on a prompt writes full's text there
+        recs = [{"method": m, "task": t, "length": length, "index": i, "score": scores[m](t, i),
+                 "output": f"full{t}{i}" if scores[m](t, i) == scores["full"](t, i) else f"{m}{t}{i}"}
+                for m in methods for t in tasks for i in range(samples)]
         d = {"protocol": f"test {length}", "command": "test", "machine": {}, "seconds": 1.0, "samples": samples,
              "lengths": [length], "tasks": list(tasks), "methods": {m: None for m in methods}, "records": recs,
              "chunks_done": [[length, t] for t in tasks], "complete": True}

@@ -75,9 +75,10 @@ def _indices(d: dict) -> list[int]:
     return d.get("sample_indices") or list(range(d["samples"]))
 
 
-def merge(paths: list[str]) -> dict:
-    """One union result from parts run separately (same methods and samples, disjoint chunks)."""
-    parts = [json.load(open(p)) for p in paths]
+def merge(paths: list[str], parts: list[dict] | None = None) -> dict:
+    """One union result from parts run separately (same methods and samples, disjoint chunks); ``parts`` are the
+    files' contents when the caller has read them already."""
+    parts = parts if parts is not None else [json.load(open(p)) for p in paths]
     methods = [list(d["methods"]) for d in parts]
     if any(m != methods[0] for m in methods):
         raise SystemExit(f"--merge: the parts ran different methods: {methods}")
@@ -113,14 +114,15 @@ def pool(paths: list[str]) -> dict:
     reproducible, and which copy to pair against would be a choice). A method enters the pooled table only if
     it ran every prompt full attention ran, at every length.
     """
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
     for p in paths:
         d = json.load(open(p))
-        groups.setdefault((tuple(d["methods"]), tuple(sorted(d["lengths"]))), []).append(p)
+        groups.setdefault((tuple(d["methods"]), tuple(sorted(d["lengths"]))), []).append((p, d))
     records: dict[tuple, dict] = {}
     order: list[str] = []
-    for (methods, lengths), group in groups.items():
-        m = merge(group)
+    for (methods, lengths), loaded in groups.items():
+        group = [p for p, _ in loaded]
+        m = merge(group, [d for _, d in loaded])
         if not m["complete"]:
             raise SystemExit(f"--pool: the runs at length(s) {list(lengths)} are not complete ({' '.join(group)}): "
                              "pooling a partial length would weigh it by the prompts that happen to be there")
