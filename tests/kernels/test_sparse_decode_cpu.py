@@ -155,15 +155,39 @@ def test_sals_decode_cpu_bf16_same_selection_up_to_ties(pool):
     p = SelectParams(k=length // 8, sink=4, recent=8, pool=pool)
     args = (q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 64 ** -0.5)
     out, idx = sals_decode(*args, valid=valid, keys=keys, impl="cpu")
-    _, tidx = sals_decode(*args, valid=valid, keys=keys, impl="torch")
-    from compactlm.kernels.sparse_decode import pooled_latent_scores, unrope
-
-    q_pre = unrope(q.view(b, hkv, h // hkv, d), qc[:, None], qs[:, None])
-    pooled = pooled_latent_scores(q_pre, proj[:, :, : r // 2], latent[:, :, : r // 2], pool, 64 ** -0.5)
-    _assert_same_up_to_ties(_masked_keys(pooled, 4, 8, pos, valid), idx, tidx)
+    # Ranked by the scores of the C++ latent queries (rounded once; the tensor path rounds every op, which can
+    # move a score by a bf16 step): the tensor path's pooling and topk_tokens on them give the same set up to ties.
+    cols = cpu.latent_queries(q.view(b, hkv, h // hkv, d), qc, qs, proj[:, :, : r // 2].contiguous(), pool == "mean")
+    s = torch.stack([torch.mm(latent[i, :, : r // 2], cols[i].t()) for i in range(b)]).view(b, length, -1, hkv)
+    pooled = s.amax(2).transpose(1, 2)
+    tidx = topk_tokens(pooled, p.k, p.sink, p.recent, pos, valid)
+    _assert_same_up_to_ties(_masked_keys(pooled, 4, 8, pos, valid), idx, tidx.sort(-1).values)
     keep = torch.zeros(b, hkv, length, dtype=torch.bool).scatter_(2, idx, True) & valid[:, None]
     ref = masked_attention_reference(q.double(), keys.double(), values.double(), keep, 64 ** -0.5)
     assert torch.allclose(out.double(), ref, atol=2e-2), _err(out, ref)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_latent_queries_match_unrope_then_project(dtype, tol, mean, scaled):
+    """The C++ query side equals unrope + latent_queries of the tensor path (fp64 reference), rows (G', H_kv)."""
+    from compactlm.kernels.sparse_decode import latent_queries, unrope
+
+    gen = torch.Generator().manual_seed(5)
+    b, hkv, g, d, rs = 2, 3, 3, 64, 24
+    q = torch.randn(b, hkv, g, d, generator=gen, dtype=torch.float64)
+    ang = torch.rand(b, 1, d // 2, generator=gen, dtype=torch.float64) * 6.3
+    ang = torch.cat([ang, ang], -1)
+    s = 1.3 if scaled else 1.0  # families that fold an attention scale into cos/sin (unrope divides it out)
+    cos, sin = s * ang.cos(), s * ang.sin()
+    proj = torch.randn(hkv, d, rs, generator=gen, dtype=torch.float64)
+    ref = latent_queries(unrope(q, cos[:, None], sin[:, None]), proj, mean)
+    got = cpu.latent_queries(q.to(dtype), cos.to(dtype), sin.to(dtype), proj.to(dtype), mean)
+    assert got.dtype == dtype and got.shape == (b, (1 if mean else g) * hkv, rs)
+    assert torch.allclose(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0), _err(got.double(), ref)
+    with pytest.raises(ValueError, match="needs proj"):
+        cpu.latent_queries(q, cos, sin, proj[:, :-1])
 
 
 def test_cpu_impl_refuses_what_it_does_not_do():

@@ -73,14 +73,15 @@ def profile(length: int, pool: str, rounds: int) -> dict[str, float]:
     for _ in range(rounds + 3):
         timed("dense grouped (whole step)", dense_grouped_decode, q, k, v, sc)
         q_g = q.view(b, hkv, g, d)
-        q_pre = timed("both: unrope query", unrope, q_g, qc[:, None], qs[:, None])
+        q_pre = timed("torch: unrope query", unrope, q_g, qc[:, None], qs[:, None])
         # tensor path (impl="torch")
         pooled = timed("torch: latent scores + pooling", pooled_latent_scores, q_pre, ps, zs, pool, sc)
         idx_t = timed("torch: topk_tokens", topk_tokens, pooled, p.k, p.sink, p.recent, pos, None)
         k_sel = timed("torch: gather chosen keys", gather_heads, k, idx_t, kbuf)
         timed("torch: q.k, softmax, p.V (embedding_bag)", chosen_attention, q_g, k_sel, v, idx_t, sc)
         # compiled path (impl="cpu")
-        cols = timed("cpu: latent queries", latent_queries, q_pre, ps, pool == "mean")
+        timed("(torch latent queries, for comparison; not used)", latent_queries, q_pre, ps, pool == "mean")
+        cols = timed("cpu: unrope + latent queries (C++)", cpu.latent_queries, q_g, qc, qs, ps, pool == "mean")
         gq = cols.shape[1] // hkv
         scores = bufs.get("s", (b, length, gq * hkv), zs.dtype, zs.device)
         timed("cpu: scoring GEMM (into a reused buffer)", torch.mm, zs[0], cols[0].t(), out=scores[0])

@@ -324,8 +324,6 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
     g = h // hkv
     buffers = buffers or DecodeBuffers()
     q_g = q.view(b, hkv, g, d)
-    # Score in the pre-RoPE latent space: undo the query's rotation (RoPE-free q·k, §4.2).
-    q_pre = unrope(q_g, q_cos[:, None], q_sin[:, None])
     proj_score = buffers.derived("proj_score", proj, r_star, lambda: proj[:, :, :r_star].contiguous())
     fused_ok = exact is None and not isinstance(values, PackedValues)
     if impl == "cpu":
@@ -333,11 +331,14 @@ def sals_decode(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, laten
 
         if q.is_cuda:
             raise ConfigError("impl='cpu' runs on CPU tensors; use impl='auto' or 'triton' on CUDA")
-        idx, ok = cpu.sals_select_cpu(q_pre, proj_score, latent[:, :, :r_star], params, positions, valid, buffers), None
+        idx, ok = cpu.sals_select_cpu(q_g, q_cos, q_sin, proj_score, latent[:, :, :r_star], params, positions, valid,
+                                      buffers), None
         if keys is not None and not isinstance(values, PackedValues):  # index mode: read chosen rows in place
             out = cpu.attend_chosen(q_g, keys.to(q.dtype), values, idx, scaling, selected_valid(valid, idx, ok))
             return out.reshape(b, h, 1, d).transpose(1, 2), idx
     else:
+        # Score in the pre-RoPE latent space: undo the query's rotation (RoPE-free q·k, §4.2).
+        q_pre = unrope(q_g, q_cos[:, None], q_sin[:, None])
         pooled = pooled_latent_scores(q_pre, proj_score, latent[:, :, :r_star], params.pool, scaling)
         idx, ok = select(pooled, params, positions, valid)  # (B, H_kv, n)
     if impl == "triton" and not fused_ok:

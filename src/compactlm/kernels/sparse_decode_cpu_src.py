@@ -368,6 +368,43 @@ int64_t pool_keys_bf16(const c10::BFloat16* s, int64_t L, int64_t G, int64_t H, 
 }
 #endif
 
+template <typename T, typename A>
+void latent_queries_impl(const T* q, const T* cos, const T* sin, const T* proj, int64_t B, int64_t H, int64_t G,
+                         int64_t D, int64_t R, bool mean, T* out) {
+  // Per query row: undo RoPE (x·cos + rotate_half(x)·(−sin)) / (cos² + sin²), then project on the KV head's r*
+  // columns, in A (fp32, fp64 for fp64); rows out are ordered (G', H_kv), G' = 1 for the group mean.
+  const int64_t half = D / 2, Go = mean ? 1 : G;
+  std::vector<A> x(D), xp(D), c(D), s(D), acc(R);
+  for (int64_t b = 0; b < B; ++b) {
+    load_row(cos + b * D, c.data(), D);
+    load_row(sin + b * D, s.data(), D);
+    for (int64_t h = 0; h < H; ++h) {
+      const T* P = proj + h * D * R;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t g = 0; g < G; ++g) {
+        load_row(q + ((b * H + h) * G + g) * D, x.data(), D);
+        for (int64_t i = 0; i < D; ++i) {
+          const A rot = i < half ? -x[i + half] : x[i - half];
+          xp[i] = (x[i] * c[i] - rot * s[i]) / (c[i] * c[i] + s[i] * s[i]);
+        }
+        for (int64_t i = 0; i < D; ++i) {
+          const A v = xp[i];
+          const T* row = P + i * R;
+          for (int64_t j = 0; j < R; ++j) acc[j] += v * static_cast<A>(load1(row + j));
+        }
+        if (!mean) {
+          T* o = out + ((b * Go + g) * H + h) * R;
+          for (int64_t j = 0; j < R; ++j) { o[j] = static_cast<T>(acc[j]); acc[j] = A(0); }
+        }
+      }
+      if (mean) {
+        T* o = out + (b * H + h) * R;
+        for (int64_t j = 0; j < R; ++j) o[j] = static_cast<T>(acc[j] / A(G));
+      }
+    }
+  }
+}
+
 template <typename T>
 void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, const bool* forced,
                       const bool* valid, int64_t n, int64_t sink_slots, int64_t recent_slots, int64_t* out) {
@@ -443,6 +480,23 @@ torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor v
   return out;
 }
 
+torch::Tensor latent_queries(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, torch::Tensor proj, bool mean) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && proj.dim() == 3 && proj.is_contiguous() && cos.is_contiguous() &&
+              sin.is_contiguous(), "latent_queries: contiguous q (B, H_kv, G, D), proj (H_kv, D, r*)");
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), R = proj.size(2);
+  TORCH_CHECK(proj.size(0) == H && proj.size(1) == D && D % 2 == 0 && cos.numel() == B * D && sin.numel() == B * D,
+              "latent_queries: shapes");
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type() &&
+              proj.scalar_type() == q.scalar_type(), "latent_queries: dtypes");
+  auto out = torch::empty({B, (mean ? 1 : G) * H, R}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "latent_queries", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    latent_queries_impl<scalar_t, A>(q.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                                     proj.data_ptr<scalar_t>(), B, H, G, D, R, mean, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10::optional<torch::Tensor> forced,
                           c10::optional<torch::Tensor> valid, int64_t sink_slots, int64_t recent_slots) {
   TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous(), "pooled_topk: scores must be contiguous (B, L, G*H_kv)");
@@ -466,6 +520,7 @@ torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10
 """
 
 DECLS = """
+torch::Tensor latent_queries(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, torch::Tensor proj, bool mean);
 torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor idx,
                             c10::optional<torch::Tensor> valid, double scaling, int64_t prefetch,
                             int64_t prefetch_l2);
