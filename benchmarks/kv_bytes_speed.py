@@ -70,6 +70,9 @@ BYTES_CONFIGS = {
     "int2-g128-r128": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64),
     "int2-g128-r128-m8": KVQuant(bits=2, group_size=128, residual=128, value_group_size=64, meta_dtype="int8"),
     "int4-g32-r128-m8": KVQuant(bits=4, group_size=32, residual=128, meta_dtype="int8"),
+    # int4 at <= 0.30x with fp16 metadata: key groups of 64 tokens, value groups of one head (64 channels)
+    "int4-g64-r128": KVQuant(bits=4, group_size=64, residual=128),
+    "int4-g128-r128": KVQuant(bits=4, group_size=128, residual=128, value_group_size=64),
     # the second int2 screen (sinks 16 with pre-RoPE keys, key groups of 16, residual 256, 4-bit keys)
     "int2-g32-r128-s16": KVQuant(bits=2, group_size=32, residual=128, sinks=16),
     "int2-g32-r128-s16-prerope": KVQuant(bits=2, group_size=32, residual=128, sinks=16, pre_rope=True),

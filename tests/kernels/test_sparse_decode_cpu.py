@@ -190,6 +190,73 @@ def test_latent_queries_match_unrope_then_project(dtype, tol, mean, scaled):
         cpu.latent_queries(q, cos, sin, proj[:, :-1])
 
 
+_FUSED = pytest.mark.skipif(not cpu.available() or not cpu.fused_scoring_applies(
+    torch.zeros(1, 2, 32, dtype=torch.bfloat16), 8, 16), reason="scored_topk needs a CPU with AVX512-BF16")
+
+
+@_FUSED
+@pytest.mark.parametrize("b,length,r,g,hkv", [(1, 4099, 128, 4, 8), (2, 301, 64, 4, 4), (1, 17, 96, 8, 2),
+                                              (2, 33, 24, 16, 1), (1, 300, 256, 2, 16), (1, 99, 8, 9, 4),
+                                              (1, 50, 32, 12, 4)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_scored_topk_same_set_as_gemm_then_pooled_topk(b, length, r, g, hkv, padded):
+    """Fused scoring + pooling + selection = GEMM scores (bf16) then pooled_topk, up to ties; partial tiles (12, 36,
+    40 columns), token tails, strided rows (a compressed-mode slice), padding and forced slots included."""
+    gen = torch.Generator().manual_seed(length + r)
+    wide = torch.randn(b, length, r + 16, generator=gen).bfloat16()
+    z = wide[:, :, :r]  # rows contiguous, row stride r + 16
+    cols = torch.randn(b, g * hkv, r, generator=gen).bfloat16()
+    n = max(1, length // 8) + 12
+    scores = torch.stack([torch.mm(z[i], cols[i].t()) for i in range(b)])
+    if padded:
+        valid = torch.ones(b, length, dtype=torch.bool)
+        valid[0, : length // 5] = False
+        pos = (valid.cumsum(-1) - 1).clamp(min=0)
+        forced = forced_mask(length, 4, 8, pos, valid)
+        got = cpu.scored_topk(z, cols, hkv, n, forced, valid)
+        ref = cpu.pooled_topk(scores, hkv, n, forced, valid)
+    else:
+        valid = pos = None
+        got = cpu.scored_topk(z, cols, hkv, n, sink_slots=4, recent_slots=8)
+        ref = cpu.pooled_topk(scores, hkv, n, sink_slots=4, recent_slots=8)
+    pooled = scores.view(b, length, g, hkv).amax(2).transpose(1, 2)
+    _assert_same_up_to_ties(_masked_keys(pooled, 4, 8, pos, valid), got, ref)
+
+
+@_FUSED
+def test_scored_topk_refuses_what_it_does_not_take():
+    z, cols = torch.randn(1, 64, 32).bfloat16(), torch.randn(1, 9, 32).bfloat16()
+    with pytest.raises(ValueError, match="H_kv dividing 16"):
+        cpu.scored_topk(z, cols, 3, 8)  # 3 KV heads: sals_select_cpu runs the GEMM path
+    with pytest.raises(ValueError, match="at least 16"):
+        cpu.scored_topk(z, cols[:, :8], 8, 8)
+    with pytest.raises(ValueError, match="H_kv dividing 16"):
+        cpu.scored_topk(z.float(), cols.float(), 8, 8)
+
+
+@_FUSED
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_sals_decode_cpu_fused_scoring_end_to_end(pool):
+    """bf16 with H_kv = 4, G = 4 (16 query columns: scored_topk for max; mean has 4 columns: the GEMM path): the
+    selection is the one the C++ queries' scores give, up to ties, and the output the reference on it."""
+    b, h, hkv, d, length, r = 2, 16, 4, 64, 517, 64
+    q, qc, qs, latent, values, pos, proj, ct, st, valid = _inputs(b, h, hkv, d, length, r, torch.bfloat16, seed=4,
+                                                                  padded=True)
+    keys = torch.randn(b, hkv, length, d, generator=torch.Generator().manual_seed(6)).bfloat16()
+    p = SelectParams(k=length // 8, sink=4, recent=8, pool=pool)
+    args = (q, qc, qs, latent, values, pos, proj, r // 2, ct, st, p, 64 ** -0.5)
+    assert cpu.fused_scoring_applies(latent[:, :, : r // 2], hkv, 16 if pool == "max" else hkv) == (pool == "max")
+    out, idx = sals_decode(*args, valid=valid, keys=keys, impl="cpu")
+    cols = cpu.latent_queries(q.view(b, hkv, h // hkv, d), qc, qs, proj[:, :, : r // 2].contiguous(), pool == "mean")
+    s = torch.stack([torch.mm(latent[i, :, : r // 2], cols[i].t()) for i in range(b)]).view(b, length, -1, hkv)
+    pooled = s.amax(2).transpose(1, 2)
+    tidx = topk_tokens(pooled, p.k, p.sink, p.recent, pos, valid)
+    _assert_same_up_to_ties(_masked_keys(pooled, 4, 8, pos, valid), idx, tidx.sort(-1).values)
+    keep = torch.zeros(b, hkv, length, dtype=torch.bool).scatter_(2, idx, True) & valid[:, None]
+    ref = masked_attention_reference(q.double(), keys.double(), values.double(), keep, 64 ** -0.5)
+    assert torch.allclose(out.double(), ref, atol=2e-2), _err(out, ref)
+
+
 def test_cpu_impl_refuses_what_it_does_not_do():
     from compactlm.errors import ConfigError
 

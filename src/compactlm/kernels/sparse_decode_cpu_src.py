@@ -368,6 +368,90 @@ int64_t pool_keys_bf16(const c10::BFloat16* s, int64_t L, int64_t G, int64_t H, 
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Keys (L, H) of the max over G query heads of the bf16-rounded scores z·c. Lanes hold query columns, 16 per tile:
+// one vdpbf16ps adds the products of one latent pair (broadcast) with that pair of 16 columns; four tokens share each
+// column load. Columns are ordered (G, H) with H dividing 16, so a tile's lanes j and j + H belong to the same KV
+// head: log2(16 / H) lane-shuffle maxima pool a tile, an elementwise max joins the tiles. No score matrix is
+// written; the keys come out in pooled_topk's layout.
+// Tokens per step: NT tiles x T tokens accumulators (12), plus NT column loads; the latent pair is a broadcast
+// memory operand of vdpbf16ps.
+inline __m512 pool_lanes(__m512 x, int64_t H) {  // lane j (j < H) = max over lanes j, j + H, j + 2H, ... of x
+  for (int64_t w = 8; w >= H; w /= 2) {
+    const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(int32_t(w)));
+    x = _mm512_max_ps(x, _mm512_permutexvar_ps(_mm512_and_si512(idx, _mm512_set1_epi32(15)), x));
+  }
+  return x;
+}
+
+inline __m512i bf16_ukeys(__m512 x) {  // round to bf16 (nearest even, as the GEMM's bf16 output), then ukey lane-wise
+  __m512i u = _mm512_castps_si512(x);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  u = _mm512_and_si512(u, _mm512_set1_epi32(int32_t(0xFFFF0000u)));
+  const __m512i sign = _mm512_srli_epi32(u, 31);
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_add_epi32(_mm512_add_epi32(_mm512_xor_si512(mag, _mm512_sub_epi32(_mm512_setzero_si512(), sign)), sign),
+                          _mm512_set1_epi32(int32_t(0x80000000u)));
+}
+
+template <int NT, int T>
+void score_block(const uint32_t* const* rows, int nt, const uint32_t* q, int64_t K, int64_t C, int64_t c0, int64_t H,
+                 __m512* best) {
+  __m512 acc[NT][T];
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < T; ++t) acc[j][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512bh qk[NT];
+    for (int j = 0; j < NT; ++j) qk[j] = (__m512bh)_mm512_loadu_si512(q + (j * K + k) * 16);
+    for (int t = 0; t < T; ++t) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(int32_t(rows[t][k]));
+      for (int j = 0; j < NT; ++j) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], qk[j], x);
+    }
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < NT; ++j) {
+    const int64_t live = std::min<int64_t>(16, C - c0 - j * 16);
+    const __mmask16 m = __mmask16((1u << live) - 1);
+    // constant bounds only: a runtime index into acc would keep it in memory (stored on every k step)
+    for (int t = 0; t < T; ++t)
+      if (t < nt) best[t] = _mm512_max_ps(best[t], _mm512_mask_blend_ps(m, _mm512_set1_ps(ninf), acc[j][t]));
+  }
+}
+
+void scored_keys_bf16(const c10::BFloat16* z, int64_t zl, int64_t L, int64_t R, const c10::BFloat16* cols, int64_t G,
+                      int64_t H, uint32_t* keys) {
+  constexpr int T2 = 6, T1 = 12;  // tokens per step with two tiles / one tile of 16 columns
+  const int64_t K = R / 2, C = G * H, tiles = (C + 15) / 16;
+  // qp[(tile * K + k) * 16 + lane] = pair k of column tile * 16 + lane (padded columns 0, masked out of the max)
+  std::vector<uint32_t> qp(tiles * K * 16, 0u);
+  const uint32_t* cp = reinterpret_cast<const uint32_t*>(cols);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < K; ++k) qp[((c / 16) * K + k) * 16 + c % 16] = cp[c * K + k];
+  const __mmask16 store = __mmask16((1u << H) - 1);
+  const uint32_t* zu = reinterpret_cast<const uint32_t*>(z);
+  const int64_t step = tiles == 1 ? T1 : T2;
+  for (int64_t l = 0; l < L; l += step) {
+    const int nt = int(std::min<int64_t>(step, L - l));
+    const uint32_t* rows[T1];
+    for (int t = 0; t < T1; ++t) rows[t] = zu + std::min(l + t, L - 1) * (zl / 2);  // past L: repeats, not stored
+    __m512 best[T1];
+    for (int t = 0; t < T1; ++t) best[t] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t tile = 0;
+    if (tiles == 1) {
+      score_block<1, T1>(rows, nt, qp.data(), K, C, 0, H, best);
+      tile = 1;
+    }
+    for (; tile + 2 <= tiles; tile += 2)
+      score_block<2, T2>(rows, nt, qp.data() + tile * K * 16, K, C, tile * 16, H, best);
+    if (tile < tiles) score_block<1, T2>(rows, nt, qp.data() + tile * K * 16, K, C, tile * 16, H, best);
+    for (int t = 0; t < nt; ++t)
+      _mm512_mask_storeu_epi32(keys + (l + t) * H, store, bf16_ukeys(pool_lanes(best[t], H)));
+  }
+}
+#endif
+
 template <typename T, typename A>
 void latent_queries_impl(const T* q, const T* cos, const T* sin, const T* proj, int64_t B, int64_t H, int64_t G,
                          int64_t D, int64_t R, bool mean, T* out) {
@@ -480,6 +564,60 @@ torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor v
   return out;
 }
 
+bool fused_scoring_available() {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor scored_topk(torch::Tensor z, torch::Tensor cols, int64_t kv_heads, int64_t n,
+                          c10::optional<torch::Tensor> forced, c10::optional<torch::Tensor> valid, int64_t sink_slots,
+                          int64_t recent_slots) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  TORCH_CHECK(z.dim() == 3 && cols.dim() == 3 && z.stride(2) == 1 && cols.is_contiguous(),
+              "scored_topk: z (B, L, r*) with contiguous rows, cols (B, G*H_kv, r*) contiguous");
+  TORCH_CHECK(z.scalar_type() == at::kBFloat16 && cols.scalar_type() == at::kBFloat16, "scored_topk: bf16 only");
+  const int64_t B = z.size(0), L = z.size(1), R = z.size(2), H = kv_heads, C = cols.size(1), G = C / H;
+  TORCH_CHECK(cols.size(0) == B && cols.size(2) == R && G * H == C && R % 2 == 0 && z.stride(1) % 2 == 0 &&
+              z.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(z.data_ptr()) % 4 == 0 && 16 % H == 0 && n >= 1 &&
+              n <= L, "scored_topk: shapes (even r* and strides, pairs 4-byte aligned, H_kv dividing 16)");
+  auto flag = [&](const c10::optional<torch::Tensor>& t, const char* name) -> const bool* {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBool && t->numel() == B * L, "scored_topk: ", name,
+                " must be a contiguous (B, L) bool tensor");
+    return t->data_ptr<bool>();
+  };
+  const bool* f = flag(forced, "forced");
+  const bool* ok = flag(valid, "valid");
+  auto out = torch::empty({B, H, n}, z.options().dtype(at::kLong));
+  const c10::BFloat16* zp = z.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* cp = cols.data_ptr<c10::BFloat16>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t zb = z.stride(0), zl = z.stride(1);
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint32_t> keys(L * H);
+    for (int64_t b = lo; b < hi; ++b) {
+      scored_keys_bf16(zp + b * zb, zl, L, R, cp + b * C * R, G, H, keys.data());
+      auto mark = [&](int64_t l, uint32_t key) { for (int64_t h = 0; h < H; ++h) keys[l * H + h] = key; };
+      if (f || ok)
+        for (int64_t l = 0; l < L; ++l) {  // forced (sink, recent) above all, padding below all; forced wins
+          const bool fl = f && f[b * L + l];
+          if (fl || (ok && !ok[b * L + l])) mark(l, fl ? FORCED : DROPPED);
+        }
+      for (int64_t l = 0; l < std::min(sink_slots, L); ++l) mark(l, FORCED);
+      for (int64_t l = std::max<int64_t>(0, L - recent_slots); l < L; ++l) mark(l, FORCED);
+      select_rows(keys.data(), L, H, n, true, op + b * H * n);
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "scored_topk: this build has no AVX512-BF16 (see fused_scoring_available)");
+  return torch::Tensor();
+#endif
+}
+
 torch::Tensor latent_queries(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, torch::Tensor proj, bool mean) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && proj.dim() == 3 && proj.is_contiguous() && cos.is_contiguous() &&
               sin.is_contiguous(), "latent_queries: contiguous q (B, H_kv, G, D), proj (H_kv, D, r*)");
@@ -520,6 +658,10 @@ torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10
 """
 
 DECLS = """
+bool fused_scoring_available();
+torch::Tensor scored_topk(torch::Tensor z, torch::Tensor cols, int64_t kv_heads, int64_t n,
+                          c10::optional<torch::Tensor> forced, c10::optional<torch::Tensor> valid, int64_t sink_slots,
+                          int64_t recent_slots);
 torch::Tensor latent_queries(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, torch::Tensor proj, bool mean);
 torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor idx,
                             c10::optional<torch::Tensor> valid, double scaling, int64_t prefetch,
