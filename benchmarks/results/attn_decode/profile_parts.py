@@ -89,6 +89,9 @@ def profile(length: int, pool: str, rounds: int) -> dict[str, float]:
         # sals_select_cpu does)
         idx_c = timed("cpu: pooled_topk incl. pooling (C++)", cpu.pooled_topk, scores, hkv, n, sink_slots=p.sink,
                       recent_slots=p.recent)
+        if cpu.fused_scoring_applies(zs, hkv, cols.shape[1]):  # what sals_select_cpu runs instead of the two above
+            idx_c = timed("cpu: scored_topk, instead of GEMM + pooled_topk (C++)", cpu.scored_topk, zs, cols, hkv, n,
+                          sink_slots=p.sink, recent_slots=p.recent)
         timed("cpu: attend_chosen (C++)", cpu.attend_chosen, q_g, k, v, idx_c, sc)
         timed("(torch maxima chain, for comparison; not used)", pool_chain, scores, gq, hkv, bufs)
         step = (q, qc, qs, lat, v, pos, proj, rs, c["cos"], c["sin"], p, sc)

@@ -524,6 +524,14 @@ void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, co
 
 }  // namespace
 
+// A (B, L) bool mask of slots (forced, valid), or nullptr when absent.
+static const bool* slot_flags(const c10::optional<torch::Tensor>& t, int64_t B, int64_t L, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBool && t->numel() == B * L, name,
+              " must be a contiguous (B, L) bool tensor");
+  return t->data_ptr<bool>();
+}
+
 torch::Tensor attend_chosen(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor idx,
                             c10::optional<torch::Tensor> valid, double scaling,
                             int64_t prefetch, int64_t prefetch_l2) {
@@ -583,14 +591,8 @@ torch::Tensor scored_topk(torch::Tensor z, torch::Tensor cols, int64_t kv_heads,
   TORCH_CHECK(cols.size(0) == B && cols.size(2) == R && G * H == C && R % 2 == 0 && z.stride(1) % 2 == 0 &&
               z.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(z.data_ptr()) % 4 == 0 && 16 % H == 0 && n >= 1 &&
               n <= L, "scored_topk: shapes (even r* and strides, pairs 4-byte aligned, H_kv dividing 16)");
-  auto flag = [&](const c10::optional<torch::Tensor>& t, const char* name) -> const bool* {
-    if (!t.has_value()) return nullptr;
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBool && t->numel() == B * L, "scored_topk: ", name,
-                " must be a contiguous (B, L) bool tensor");
-    return t->data_ptr<bool>();
-  };
-  const bool* f = flag(forced, "forced");
-  const bool* ok = flag(valid, "valid");
+  const bool* f = slot_flags(forced, B, L, "scored_topk: forced");
+  const bool* ok = slot_flags(valid, B, L, "scored_topk: valid");
   auto out = torch::empty({B, H, n}, z.options().dtype(at::kLong));
   const c10::BFloat16* zp = z.data_ptr<c10::BFloat16>();
   const c10::BFloat16* cp = cols.data_ptr<c10::BFloat16>();
@@ -640,14 +642,8 @@ torch::Tensor pooled_topk(torch::Tensor scores, int64_t kv_heads, int64_t n, c10
   TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous(), "pooled_topk: scores must be contiguous (B, L, G*H_kv)");
   const int64_t B = scores.size(0), L = scores.size(1), H = kv_heads, G = scores.size(2) / kv_heads;
   TORCH_CHECK(G * H == scores.size(2) && n >= 1 && n <= L, "pooled_topk: shapes");
-  auto flag = [&](const c10::optional<torch::Tensor>& t, const char* name) -> const bool* {
-    if (!t.has_value()) return nullptr;
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBool && t->numel() == B * L, "pooled_topk: ", name,
-                " must be a contiguous (B, L) bool tensor");
-    return t->data_ptr<bool>();
-  };
-  const bool* f = flag(forced, "forced");
-  const bool* ok = flag(valid, "valid");
+  const bool* f = slot_flags(forced, B, L, "pooled_topk: forced");
+  const bool* ok = slot_flags(valid, B, L, "pooled_topk: valid");
   auto out = torch::empty({B, H, n}, scores.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "pooled_topk", [&] {
     pooled_topk_impl<scalar_t>(scores.data_ptr<scalar_t>(), B, L, G, H, f, ok, n, sink_slots, recent_slots,
