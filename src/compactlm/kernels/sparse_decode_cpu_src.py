@@ -426,9 +426,8 @@ void scored_keys_bf16(const c10::BFloat16* z, int64_t zl, int64_t L, int64_t R, 
   const int64_t K = R / 2, C = G * H, tiles = (C + 15) / 16;
   // qp[(tile * K + k) * 16 + lane] = pair k of column tile * 16 + lane (padded columns 0, masked out of the max)
   std::vector<uint32_t> qp(tiles * K * 16, 0u);
-  const uint32_t* cp = reinterpret_cast<const uint32_t*>(cols);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K; ++k) qp[((c / 16) * K + k) * 16 + c % 16] = cp[c * K + k];
+  for (int64_t c = 0; c < C; ++c)  // memcpy: cols need not be 4-byte aligned
+    for (int64_t k = 0; k < K; ++k) std::memcpy(&qp[((c / 16) * K + k) * 16 + c % 16], cols + c * R + 2 * k, 4);
   const __mmask16 store = __mmask16((1u << H) - 1);
   const uint32_t* zu = reinterpret_cast<const uint32_t*>(z);
   const int64_t step = tiles == 1 ? T1 : T2;
