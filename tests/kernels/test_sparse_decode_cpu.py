@@ -240,6 +240,8 @@ def test_scored_topk_refuses_what_it_does_not_take():
         cpu.scored_topk(z, cols[:, :8], 8, 8)
     with pytest.raises(ValueError, match="H_kv dividing 16"):
         cpu.scored_topk(z.float(), cols.float(), 8, 8)
+    with pytest.raises(ValueError, match=">= 0"):
+        cpu.scored_topk(z, torch.randn(1, 16, 32).bfloat16(), 8, 8, sink_slots=-1)
 
 
 def test_cpu_impl_refuses_what_it_does_not_do():

@@ -370,12 +370,11 @@ int64_t pool_keys_bf16(const c10::BFloat16* s, int64_t L, int64_t G, int64_t H, 
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // Keys (L, H) of the max over G query heads of the bf16-rounded scores z·c. Lanes hold query columns, 16 per tile:
-// one vdpbf16ps adds the products of one latent pair (broadcast) with that pair of 16 columns; four tokens share each
-// column load. Columns are ordered (G, H) with H dividing 16, so a tile's lanes j and j + H belong to the same KV
-// head: log2(16 / H) lane-shuffle maxima pool a tile, an elementwise max joins the tiles. No score matrix is
-// written; the keys come out in pooled_topk's layout.
-// Tokens per step: NT tiles x T tokens accumulators (12), plus NT column loads; the latent pair is a broadcast
-// memory operand of vdpbf16ps.
+// one vdpbf16ps adds the products of one latent pair (a broadcast memory operand) with that pair of 16 columns. A
+// step holds 12 accumulators: two tiles x 6 tokens (or one tile x 12), so each column load serves 6 (12) tokens.
+// Columns are ordered (G, H) with H dividing 16, so a tile's lanes j and j + H belong to the same KV head:
+// log2(16 / H) lane-shuffle maxima pool a tile, an elementwise max joins the tiles. No score matrix is written; the
+// keys come out in pooled_topk's layout.
 inline __m512 pool_lanes(__m512 x, int64_t H) {  // lane j (j < H) = max over lanes j, j + H, j + 2H, ... of x
   for (int64_t w = 8; w >= H; w /= 2) {
     const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
