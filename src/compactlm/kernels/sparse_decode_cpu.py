@@ -21,9 +21,9 @@ C++ loops replace them:
   GEMM path's up to near-ties.
 - :func:`latent_queries`: the query side of the scoring, undo RoPE on each query head and project it on its KV
   head's r* latent columns, in one call instead of the eight small tensor ops (and a batched matmul) it replaces,
-  which cost 0.3 ms per step at ATTN-decode shapes — 5 % of the whole step at 32K, a third of it at 4K. Computed
-  in fp32 and rounded once, where the tensor path rounds bf16 after every op: scores can differ by a bf16 step,
-  so the selection equals the tensor path's only up to near-ties.
+  which cost 0.2–0.5 ms per step at ATTN-decode shapes — about 5 % of the whole step at 32K, a quarter of it at
+  4K. Computed in fp32 and rounded once, where the tensor path rounds bf16 after every op: scores can differ by a
+  bf16 step, so the selection equals the tensor path's only up to near-ties.
 - :func:`attend_chosen`: for each KV head, ``q·k`` over the chosen key rows read in place from the cache (rows
   prefetched 32 ahead into L2 and 4 ahead into L1), softmax, and ``p·V`` over the chosen value rows, in fp32
   (fp64 for fp64 inputs), without copying a row out.
@@ -119,6 +119,9 @@ def pooled_topk(scores: torch.Tensor, kv_heads: int, n: int, forced: torch.Tenso
                                 int(sink_slots), int(recent_slots))
 
 
+_FUSED: bool | None = None  # whether this build has scored_topk (AVX512-BF16), asked once
+
+
 def fused_scoring_applies(z_score: torch.Tensor, kv_heads: int, columns: int) -> bool:
     """Whether :func:`sals_select_cpu` scores with :func:`scored_topk` rather than the GEMM and :func:`pooled_topk`.
 
@@ -133,9 +136,6 @@ def fused_scoring_applies(z_score: torch.Tensor, kv_heads: int, columns: int) ->
     return (_FUSED and columns >= 16 and z_score.dtype == torch.bfloat16 and z_score.dim() == 3
             and z_score.stride(-1) == 1 and z_score.shape[-1] % 2 == 0 and z_score.stride(1) % 2 == 0
             and z_score.stride(0) % 2 == 0 and z_score.data_ptr() % 4 == 0 and 16 % kv_heads == 0)
-
-
-_FUSED: bool | None = None
 
 
 def scored_topk(z_score: torch.Tensor, cols: torch.Tensor, kv_heads: int, n: int, forced: torch.Tensor | None = None,
@@ -206,7 +206,8 @@ def sals_select_cpu(q: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor, p
     q (B, H_kv, G, D) post-RoPE with its RoPE rows q_cos/q_sin (B, 1, D). The same selection as
     ``select(pooled_latent_scores(unrope(q, ...), ...), params, ...)`` of :mod:`.sparse_decode` up to ties at the
     n-th score (and near-ties: :func:`latent_queries` rounds once), for token selection (``block == 1``) with
-    ``pool`` "max" or "mean". The scoring GEMM writes into a reused buffer (a fresh 2 MB output per step cost page
+    ``pool`` "max" or "mean". Where :func:`fused_scoring_applies`, :func:`scored_topk` scores, pools and selects in
+    one pass. Otherwise the scoring GEMM writes into a reused buffer (a fresh 2 MB output per step cost page
     faults), the max over each KV head's query heads is folded into :func:`pooled_topk` (bf16) or a chain of
     elementwise maxima, and :func:`pooled_topk` does the rest.
     """
