@@ -304,3 +304,13 @@ def test_bench_rows_for_the_compiled_methods():
     assert by["sals-index-cpu"]["ideal_ratio"] == by["sals-index"]["ideal_ratio"] == by["sals-index-wide-cpu"][
         "ideal_ratio"]
     assert all(r["cpu_ms"] > 0 and r["ratio_cpu"] > 0 for r in rows)
+
+
+def test_bench_records_the_huge_page_state(monkeypatch):
+    """ATTN-decode results depend on huge pages (TLB misses of the gathers): the JSON says which were in force."""
+    from compactlm.cli.bench_decode import huge_page_state
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert huge_page_state()["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert huge_page_state()["THP_MEM_ALLOC_ENABLE"] is None
