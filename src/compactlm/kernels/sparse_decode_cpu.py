@@ -109,14 +109,20 @@ def pooled_topk(scores: torch.Tensor, kv_heads: int, n: int, forced: torch.Tenso
     as ``topk_tokens(pooled, k, sink, recent, positions, valid)`` up to ties at the n-th value.
     """
     b, length = scores.shape[:2]
+    slots = _slot_args("pooled_topk", b, length, forced, valid, sink_slots, recent_slots)
+    return _build().pooled_topk(scores.reshape(b, length, -1).contiguous(), kv_heads, n, *slots)
+
+
+def _slot_args(name: str, b: int, length: int, forced: torch.Tensor | None, valid: torch.Tensor | None,
+               sink_slots: int, recent_slots: int) -> tuple:
+    """The C++ selections' slot arguments: (B, L) contiguous forced/valid flags (or None), checked slot counts."""
+    if sink_slots < 0 or recent_slots < 0:
+        raise ConfigError(f"{name}: sink_slots/recent_slots must be >= 0, got {sink_slots}, {recent_slots}")
 
     def flag(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.expand(b, length).contiguous()
 
-    if sink_slots < 0 or recent_slots < 0:
-        raise ConfigError(f"pooled_topk: sink_slots/recent_slots must be >= 0, got {sink_slots}, {recent_slots}")
-    return _build().pooled_topk(scores.reshape(b, length, -1).contiguous(), kv_heads, n, flag(forced), flag(valid),
-                                int(sink_slots), int(recent_slots))
+    return flag(forced), flag(valid), int(sink_slots), int(recent_slots)
 
 
 _FUSED: bool | None = None  # whether this build has scored_topk (AVX512-BF16), asked once
@@ -149,18 +155,12 @@ def scored_topk(z_score: torch.Tensor, cols: torch.Tensor, kv_heads: int, n: int
     :func:`fused_scoring_applies`.
     """
     b, length = z_score.shape[:2]
-    if sink_slots < 0 or recent_slots < 0:
-        raise ConfigError(f"scored_topk: sink_slots/recent_slots must be >= 0, got {sink_slots}, {recent_slots}")
+    slots = _slot_args("scored_topk", b, length, forced, valid, sink_slots, recent_slots)
     if not fused_scoring_applies(z_score, kv_heads, cols.shape[1]):
         raise ConfigError("scored_topk: needs bf16 latent keys in whole pairs, H_kv dividing 16 and at least 16 "
                           "query columns, on a CPU with AVX512-BF16 (see fused_scoring_applies); use pooled_topk on "
                           "the GEMM's scores")
-
-    def flag(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.expand(b, length).contiguous()
-
-    return _build().scored_topk(z_score, cols.contiguous(), kv_heads, n, flag(forced), flag(valid), int(sink_slots),
-                                int(recent_slots))
+    return _build().scored_topk(z_score, cols.contiguous(), kv_heads, n, *slots)
 
 
 def attend_chosen(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, scaling: float,

@@ -331,7 +331,29 @@ void select_rows(const uint32_t* key, int64_t L, int64_t H, int64_t n, bool low_
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(w[h] == n, "pooled_topk: selected ", w[h], " of ", n, " slots");
 }
 
+// Keys (L, H) of forced slots (the forced row, the first sink_slots, the last recent_slots) set above all, of padding
+// (not valid) below all; forced wins. forced/valid are one batch row's (L) flags, or nullptr.
+void force_and_drop(uint32_t* keys, int64_t L, int64_t H, const bool* forced, const bool* valid, int64_t sink_slots,
+                    int64_t recent_slots) {
+  auto mark = [&](int64_t l, uint32_t key) { for (int64_t h = 0; h < H; ++h) keys[l * H + h] = key; };
+  if (forced || valid)
+    for (int64_t l = 0; l < L; ++l) {
+      const bool f = forced && forced[l];
+      if (f || (valid && !valid[l])) mark(l, f ? FORCED : DROPPED);
+    }
+  for (int64_t l = 0; l < std::min(sink_slots, L); ++l) mark(l, FORCED);
+  for (int64_t l = std::max<int64_t>(0, L - recent_slots); l < L; ++l) mark(l, FORCED);
+}
+
 #if defined(__AVX512BW__)
+// ukey, lane-wise: 0x80000000 + ((u & 0x7FFFFFFF) ^ -sign) + sign
+inline __m512i ukeys512(__m512i u) {
+  const __m512i sign = _mm512_srli_epi32(u, 31);
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_add_epi32(_mm512_add_epi32(_mm512_xor_si512(mag, _mm512_sub_epi32(_mm512_setzero_si512(), sign)), sign),
+                          _mm512_set1_epi32(int32_t(0x80000000u)));
+}
+
 // Max over G query heads of bf16 scores laid out (L, G, H) -> keys (L, H), 16 lanes at a time: P = 16 / H tokens'
 // G * H scores are 16 G contiguous bf16 (two registers for G <= 4), and one two-register permute per g puts
 // head h of token t in lane t * H + h. Returns the tokens done (a multiple of P); the caller finishes the rest.
@@ -355,14 +377,7 @@ int64_t pool_keys_bf16(const c10::BFloat16* s, int64_t L, int64_t G, int64_t H, 
       const __m256i x = _mm512_castsi512_si256(_mm512_permutex2var_epi16(a, perm[g], b));
       best = _mm512_max_ps(best, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
     }
-    // ukey, lane-wise: 0x80000000 + ((u & 0x7FFFFFFF) ^ -sign) + sign
-    const __m512i u = _mm512_castps_si512(best);
-    const __m512i sign = _mm512_srli_epi32(u, 31);
-    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i k = _mm512_add_epi32(_mm512_add_epi32(_mm512_xor_si512(mag, _mm512_sub_epi32(_mm512_setzero_si512(),
-                                                                                                  sign)), sign),
-                                       _mm512_set1_epi32(int32_t(0x80000000u)));
-    _mm512_storeu_si512(keys + l * H, k);
+    _mm512_storeu_si512(keys + l * H, ukeys512(_mm512_castps_si512(best)));
   }
   return l;
 }
@@ -388,11 +403,7 @@ inline __m512i bf16_ukeys(__m512 x) {  // round to bf16 (nearest even, as the GE
   __m512i u = _mm512_castps_si512(x);
   u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
                                            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  u = _mm512_and_si512(u, _mm512_set1_epi32(int32_t(0xFFFF0000u)));
-  const __m512i sign = _mm512_srli_epi32(u, 31);
-  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
-  return _mm512_add_epi32(_mm512_add_epi32(_mm512_xor_si512(mag, _mm512_sub_epi32(_mm512_setzero_si512(), sign)), sign),
-                          _mm512_set1_epi32(int32_t(0x80000000u)));
+  return ukeys512(_mm512_and_si512(u, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
 }
 
 template <int NT, int T>
@@ -510,11 +521,8 @@ void pooled_topk_impl(const T* s, int64_t B, int64_t L, int64_t G, int64_t H, co
             keys[l * H + h] = ukey(best);
           }
       }
-      for (int64_t l = 0; l < L; ++l) {  // forced (sink, recent) above all, padding below all; forced wins
-        const bool f = (forced && forced[b * L + l]) || l < sink_slots || l >= L - recent_slots;
-        if (f || (valid && !valid[b * L + l]))
-          for (int64_t h = 0; h < H; ++h) keys[l * H + h] = f ? FORCED : DROPPED;
-      }
+      force_and_drop(keys.data(), L, H, forced ? forced + b * L : nullptr, valid ? valid + b * L : nullptr, sink_slots,
+                     recent_slots);
       select_rows(keys.data(), L, H, n, bf16, out + b * H * n);
     }
   });
@@ -600,14 +608,7 @@ torch::Tensor scored_topk(torch::Tensor z, torch::Tensor cols, int64_t kv_heads,
     std::vector<uint32_t> keys(L * H);
     for (int64_t b = lo; b < hi; ++b) {
       scored_keys_bf16(zp + b * zb, zl, L, R, cp + b * C * R, G, H, keys.data());
-      auto mark = [&](int64_t l, uint32_t key) { for (int64_t h = 0; h < H; ++h) keys[l * H + h] = key; };
-      if (f || ok)
-        for (int64_t l = 0; l < L; ++l) {  // forced (sink, recent) above all, padding below all; forced wins
-          const bool fl = f && f[b * L + l];
-          if (fl || (ok && !ok[b * L + l])) mark(l, fl ? FORCED : DROPPED);
-        }
-      for (int64_t l = 0; l < std::min(sink_slots, L); ++l) mark(l, FORCED);
-      for (int64_t l = std::max<int64_t>(0, L - recent_slots); l < L; ++l) mark(l, FORCED);
+      force_and_drop(keys.data(), L, H, f ? f + b * L : nullptr, ok ? ok + b * L : nullptr, sink_slots, recent_slots);
       select_rows(keys.data(), L, H, n, true, op + b * H * n);
     }
   });
