@@ -158,7 +158,7 @@ def huge_page_state() -> dict[str, str | None]:
     """Whether large tensors sit on transparent huge pages: PyTorch's ``THP_MEM_ALLOC_ENABLE`` and the kernel's mode.
 
     The sparse steps gather scattered 256-byte rows from caches of 100+ MB; with 4 KB pages nearly every row is a
-    TLB miss. On the AMD EPYC here ``attend_chosen`` at 32K took 4.85 ms with 4 KB pages and 3.06 ms with
+    TLB miss. On the AMD EPYC here ``attend_chosen`` at 32K took 4.69 ms with 4 KB pages and 2.98 ms with
     ``THP_MEM_ALLOC_ENABLE=1`` (kernel mode ``madvise``), so results must say which they ran with.
     """
     try:

@@ -16,12 +16,13 @@ C++ loops replace them:
   selection (bf16 latent keys, AVX512-BF16, H_kv dividing 16, from 16 query columns). Lanes hold 16 query columns;
   one ``vdpbf16ps`` adds a broadcast latent pair's products for them, six tokens share each column load, the
   max over a KV head's query columns is taken in registers, and no score matrix is written. At ATTN-decode shapes
-  (32 columns, r* 128, 32K tokens, 1 thread) 2.08 ms against 2.68 ms for oneDNN's GEMM and :func:`pooled_topk`.
+  (32 columns, r* 128, 32K tokens, 1 thread, after a dense step) 2.26 ms against 2.59 ms for oneDNN's GEMM and
+  :func:`pooled_topk` (``benchmarks/results/attn_decode/scoring_and_gather_check.py``).
   Scores are rounded to bf16 as the GEMM's output is, but summed in another order: the selection is the
   GEMM path's up to near-ties.
 - :func:`latent_queries`: the query side of the scoring, undo RoPE on each query head and project it on its KV
   head's r* latent columns, in one call instead of the eight small tensor ops (and a batched matmul) it replaces,
-  which cost 0.2–0.5 ms per step at ATTN-decode shapes — about 5 % of the whole step at 32K, a quarter of it at
+  which cost 0.35–0.44 ms per step at ATTN-decode shapes — about 5 % of the whole step at 32K, a quarter of it at
   4K. Computed in fp32 and rounded once, where the tensor path rounds bf16 after every op: scores can differ by a
   bf16 step, so the selection equals the tensor path's only up to near-ties.
 - :func:`attend_chosen`: for each KV head, ``q·k`` over the chosen key rows read in place from the cache (rows
@@ -133,8 +134,9 @@ def fused_scoring_applies(z_score: torch.Tensor, kv_heads: int, columns: int) ->
 
     It takes bf16 latent keys in whole pairs of dims (even r* and strides, 4-byte aligned), H_kv dividing 16, and a
     build with AVX512-BF16; and it is used from 16 query columns (G·H_kv) up: with fewer, half of each 16-lane tile
-    is padding, and at 8 columns it ran level with the GEMM path (32K tokens, r* 128, 1 thread: 2.44 vs 2.41 ms;
-    at 32 columns 2.08 vs 2.68 ms). Both give the same selection up to near-ties.
+    is padding, and at 8 columns it ran level with the GEMM path in a development run (32K tokens, r* 128, 1
+    thread: 2.44 vs 2.41 ms; at 32 columns 2.26 vs 2.59 ms in scoring_and_gather_check.py). Both give the same
+    selection up to near-ties.
     """
     global _FUSED
     if _FUSED is None:
