@@ -32,7 +32,8 @@ score; ``averaged``: the logit expected over the candidates' distances, :mod:`.s
 ``pool`` (how a GQA group's query heads vote), ``block`` / ``block_reduce`` (select contiguous blocks instead of
 tokens), ``projections`` (a calibration file or a folder holding ``sals_projections.safetensors``), ``value_bits``
 / ``value_group`` (values stored as per-token KIVI codes from :mod:`compactlm.kv.quantizer`, dequantized only for
-the chosen tokens; None = full precision).
+the chosen tokens; None = full precision), ``impl`` (``auto`` / ``torch`` / ``triton`` / ``cpu``), ``huge_pages``
+(CPU cache buffers of ≥ 8 MB on 2 MB pages, :mod:`compactlm.kernels.huge_pages`; default True).
 """
 
 from __future__ import annotations
@@ -86,9 +87,14 @@ class SALSConfig(DecodeBudget):
     # (kernels.sparse_decode_cpu; 1.4-2.3x the tensor path in ATTN-decode at 32K-64K, docs/sals.md), opt-in
     # because they are built with g++/ninja on first use and a failed build raises rather than falling back.
     impl: str = "auto"
+    # CPU cache buffers of ≥ 8 MB on 2 MB transparent huge pages (kernels.huge_pages): the chosen-row gathers are
+    # TLB-bound on 4 KB pages. No effect on values; False keeps 4 KB pages (≤ 2 MB less resident per buffer).
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.huge_pages, bool):
+            raise ConfigError(f"SALSConfig.huge_pages must be True or False, got {self.huge_pages!r}")
         tau = parse_energy(self.rank)
         if tau is None:
             validate_budget(self, ("rank",))

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from ..errors import ConfigError
+from ..kernels.huge_pages import empty as empty_on_huge_pages
 from ..kernels.sparse_decode import ExactKeys, PackedValues, rope, unrope
 
 
@@ -26,7 +27,7 @@ class SALSLayer(CacheLayerMixin):
 
     def __init__(self, proj: torch.Tensor, rope_table: Any, layer_idx: int, mode: str = "compressed",
                  value_bits: int | None = None, value_group: int = 32, exact_sink: int = 0, exact_recent: int = 0,
-                 score_dims: int | None = None):
+                 score_dims: int | None = None, huge_pages: bool = True):
         """``proj`` (n_kv, d, r); ``score_dims`` r*: in ``index`` mode only the first r* columns are kept (projected
         and stored), since the full keys are cached and the latent only scores; None keeps all r."""
         super().__init__()
@@ -50,6 +51,7 @@ class SALSLayer(CacheLayerMixin):
         self.rope_table = rope_table
         self.layer_idx = layer_idx
         self.mode = mode
+        self.huge_pages = huge_pages  # large CPU buffers on 2 MB pages (kernels.huge_pages)
         self.length = 0
         self.max_pos = -1
         self._latent: torch.Tensor | None = None  # (B, cap, r); (B, cap, r*) in index mode
@@ -71,7 +73,7 @@ class SALSLayer(CacheLayerMixin):
         dev = like_v.device
 
         def grown(old: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, dim: int) -> torch.Tensor:
-            new = torch.empty(shape, dtype=dtype, device=dev)
+            new = empty_on_huge_pages(shape, dtype, dev, enabled=self.huge_pages)
             if old is not None and self.length:
                 new.narrow(dim, 0, self.length).copy_(old.narrow(dim, 0, self.length))
             return new
@@ -271,7 +273,7 @@ def convert_cache(cache: Any, adapter: Any, cfg: Any, projections: Any, rope_tab
         dtype = adapter.embed_tokens.weight.dtype
         new = SALSLayer(projections.proj(i, ranks[i][0], dtype), rope_table, i, cfg.mode, cfg.value_bits,
                         cfg.value_group, exact_sink=cfg.exact_sink, exact_recent=cfg.exact_recent,
-                        score_dims=ranks[i][1])
+                        score_dims=ranks[i][1], huge_pages=cfg.huge_pages)
         if old.is_initialized and old.keys is not None and old.keys.numel():
             length = old.keys.shape[-2]
             pos = torch.arange(length, device=old.keys.device)[None]

@@ -38,17 +38,26 @@ def parse_lengths(text: str) -> list[int]:
     return common_parse_lengths(text, minimum=256)
 
 
-def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, rank: float, seed: int):
+def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, rank: float, seed: int,
+          huge_pages: bool = True):
     from ..attention.selection import page_minmax
+    from ..kernels.huge_pages import empty as empty_on_huge_pages
     from ..kernels.sparse_decode import DecodeBuffers, SelectParams
 
     g = torch.Generator().manual_seed(seed + length)
     r = int(kv_heads * d * rank)
+
+    def cache_buffer(*shape: int) -> torch.Tensor:
+        # Allocated as the runtime's SALS cache allocates (attention/sals_cache.py): on 2 MB pages unless
+        # --cache-pages 4k. Dense baseline and methods read the same buffers.
+        out = empty_on_huge_pages(shape, dtype, "cpu", enabled=huge_pages)
+        return out.copy_(torch.randn(*shape, generator=g))
+
     c: dict[str, Any] = {
         "q": torch.randn(1, heads, 1, d, generator=g).to(dtype),
-        "k": torch.randn(1, kv_heads, length, d, generator=g).to(dtype),
-        "v": torch.randn(1, kv_heads, length, d, generator=g).to(dtype),
-        "latent": torch.randn(1, length, r, generator=g).to(dtype),
+        "k": cache_buffer(1, kv_heads, length, d),
+        "v": cache_buffer(1, kv_heads, length, d),
+        "latent": cache_buffer(1, length, r),
         "proj": torch.linalg.qr(torch.randn(kv_heads * d, r, generator=g))[0].reshape(kv_heads, d, r).to(dtype),
         "pos": torch.arange(length, dtype=torch.int32)[None],
         "r": r, "r_star": r // 2, "buffers": DecodeBuffers(),
@@ -60,7 +69,8 @@ def _case(length: int, dtype: torch.dtype, heads: int, kv_heads: int, d: int, ra
     c["cos"], c["sin"] = ang.cos().to(dtype), ang.sin().to(dtype)
     c["kmin"], c["kmax"] = (t.to(dtype) for t in page_minmax(c["k"], 16))
     # Index mode's latent holds the leading r* columns (the same numbers), in a buffer of its own.
-    c["latent_index"] = c["latent"][..., : c["r_star"]].contiguous()
+    c["latent_index"] = empty_on_huge_pages((1, length, c["r_star"]), dtype, "cpu", enabled=huge_pages)
+    c["latent_index"].copy_(c["latent"][..., : c["r_star"]])
     c["proj_index"] = c["proj"][..., : c["r_star"]].contiguous()
     return c
 
@@ -118,7 +128,8 @@ def _ideal(name: str, c: dict[str, Any]) -> float:
 
 
 def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeats: int,
-              threads: list[int]) -> list[dict[str, Any]]:
+              threads: list[int], huge_pages: bool = True) -> list[dict[str, Any]]:
+    from ..kernels.huge_pages import on_huge_pages
     from ..kernels.sparse_decode import dense_grouped_decode
     from ..utils import progress
 
@@ -128,7 +139,9 @@ def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeat
     before = torch.get_num_threads()
     try:
         for length in progress(lengths, desc="ATTN-decode"):
-            c = _case(length, dtype, heads, kv_heads, d, 0.25, seed=0)
+            c = _case(length, dtype, heads, kv_heads, d, 0.25, seed=0, huge_pages=huge_pages)
+            # what the kernel granted, not what was asked: the share of the K/V cache on 2 MB pages
+            huge_share = (on_huge_pages(c["k"]) + on_huge_pages(c["v"])) / (c["k"].nbytes + c["v"].nbytes)
             for nt in threads:
                 torch.set_num_threads(nt)
                 q, k, v = c["q"], c["k"], c["v"]
@@ -148,7 +161,8 @@ def run_bench(lengths: list[int], methods: list[str], dtype: torch.dtype, repeat
                                  "ratio": dense_ms / wall[m], "ideal_ratio": ideal,
                                  "achieved": dense_ms / wall[m] / ideal,
                                  "cpu_ms": cpu[m], "dense_cpu_ms": dense_cpu_ms,
-                                 "ratio_cpu": dense_cpu_ms / cpu[m], "achieved_cpu": dense_cpu_ms / cpu[m] / ideal})
+                                 "ratio_cpu": dense_cpu_ms / cpu[m], "achieved_cpu": dense_cpu_ms / cpu[m] / ideal,
+                                 "kv_on_huge_pages": round(huge_share, 4)})
     finally:
         torch.set_num_threads(before)
     return rows
@@ -159,14 +173,12 @@ def huge_page_state() -> dict[str, str | None]:
 
     The sparse steps gather scattered 256-byte rows from caches of 100+ MB; with 4 KB pages nearly every row is a
     TLB miss. On the AMD EPYC here ``attend_chosen`` at 32K took 4.69 ms with 4 KB pages and 2.98 ms with
-    ``THP_MEM_ALLOC_ENABLE=1`` (kernel mode ``madvise``), so results must say which they ran with.
+    ``THP_MEM_ALLOC_ENABLE=1`` (kernel mode ``madvise``), so results must say which they ran with (the bench's own
+    cache buffers follow ``--cache-pages``, recorded beside this).
     """
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = f.read().strip()
-    except OSError:
-        mode = None
-    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "transparent_hugepage": mode}
+    from ..kernels.huge_pages import thp_mode
+
+    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "transparent_hugepage": thp_mode()}
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -181,7 +193,8 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     threads = sorted({torch.get_num_threads(), 1}, reverse=True) if args.threads is None else [args.threads]
     load_before = os.getloadavg()  # on a shared machine, the load says how far to trust the timings
-    rows = run_bench(parse_lengths(args.lengths), methods, dtype, args.repeats, threads)
+    rows = run_bench(parse_lengths(args.lengths), methods, dtype, args.repeats, threads,
+                     huge_pages=args.cache_pages == "huge")
     print_table(rows, ["method", "length", "threads", "ms", "dense_ms", "dense_impl", "ratio", "ideal_ratio",
                        "achieved", "cpu_ms", "dense_cpu_ms", "ratio_cpu", "achieved_cpu"])
     emit_json(args.json, {
@@ -191,7 +204,7 @@ def _bench(args: argparse.Namespace) -> int:
         "timing": "round-robin over dense and every method; ms = median wall, cpu_ms = median process CPU time",
         "results": rows,
         "machine": {**machine_info(dtype), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "huge_pages": huge_page_state()},
+                    "huge_pages": {**huge_page_state(), "cache_pages": args.cache_pages}},
     })
     return 0
 
@@ -223,6 +236,9 @@ def register(groups: dict[str, Any]) -> None:
     add_bench_args(p, lengths="4k,16k,32k,64k", lengths_help="cache lengths (≥ 256)", threads=None,
                    threads_help="one thread count (default: current and 1)", min_repeats=10)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--cache-pages", choices=("huge", "4k"), default="huge",
+                   help="cache buffers on 2 MB transparent huge pages as the SALS cache allocates them (default), "
+                        "or on 4 KB pages")
     p.set_defaults(func=_bench)
 
     sals = groups[""].add_parser("sals", help="SALS tools (calibrate the latent projections)")

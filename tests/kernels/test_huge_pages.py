@@ -1,0 +1,88 @@
+"""kernels.huge_pages: cache buffers on 2 MB pages — same tensor contract as torch.empty, advice that takes effect."""
+
+import pytest
+import torch
+
+from compactlm.kernels import huge_pages
+
+BIG = (4, 1024, 1024)  # 8 MiB of bf16 = MIN_BYTES
+needs_thp = pytest.mark.skipif(not huge_pages.huge_pages_available(), reason="no transparent huge pages here")
+
+
+def test_big_buffer_is_a_plain_contiguous_tensor_on_aligned_memory():
+    t = huge_pages.empty(BIG, torch.bfloat16)
+    assert t.shape == BIG and t.dtype == torch.bfloat16 and t.is_contiguous()
+    src = torch.randn(BIG).bfloat16()
+    t.copy_(src)
+    assert torch.equal(t, src)
+    if huge_pages.huge_pages_available():
+        assert t.data_ptr() % huge_pages.HUGE_PAGE == 0
+
+
+@needs_thp
+def test_advice_takes_effect_once_written():
+    t = huge_pages.empty(BIG, torch.bfloat16)
+    t.fill_(1.0)
+    assert huge_pages.on_huge_pages(t) >= huge_pages.HUGE_PAGE  # the kernel granted 2 MB pages for it
+    plain = huge_pages.empty(BIG, torch.bfloat16, enabled=False)
+    plain.fill_(1.0)
+    assert huge_pages.on_huge_pages(plain) == 0 or huge_pages.thp_mode() == "always"
+
+
+@pytest.mark.parametrize("shape, kwargs", [((1024,), {}), (BIG, {"enabled": False}), (BIG, {"device": "meta"})])
+def test_small_disabled_or_non_cpu_buffers_are_torch_empty(shape, kwargs):
+    t = huge_pages.empty(shape, torch.float32, **kwargs)
+    assert t.shape == shape and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+
+
+def test_refused_advice_warns_once_and_keeps_the_buffer(monkeypatch):
+    if not huge_pages.huge_pages_available():
+        pytest.skip("no transparent huge pages here")
+    monkeypatch.setattr(huge_pages, "_MADVISE", lambda addr, size, advice: -1)
+    monkeypatch.setattr(huge_pages, "_WARNED", False)
+    with pytest.warns(UserWarning, match="MADV_HUGEPAGE"):
+        t = huge_pages.empty(BIG, torch.float16)
+    t.fill_(2.0)
+    assert bool((t == 2.0).all())
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_sals_cache_grows_onto_huge_pages_unless_disabled(flag):
+    """SALSLayer's key and value buffers of ≥ 8 MB come from huge_pages.empty; huge_pages=False keeps torch.empty."""
+    from compactlm.attention.sals_cache import SALSLayer
+
+    layer = SALSLayer(torch.randn(8, 128, 64).bfloat16(), rope_table=None, layer_idx=0, mode="index",
+                      score_dims=32, huge_pages=flag)
+    like = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
+    layer._grow(1, 4096, like, like)  # 8 heads x 4096 tokens x 128 x 2 B = 8 MiB each for keys and values
+    for buf in (layer._keys, layer._values):
+        assert buf.shape == (1, 8, 4096, 128) and buf.is_contiguous()
+        on_aligned = buf.data_ptr() % huge_pages.HUGE_PAGE == 0 and buf.storage_offset() > 0
+        assert on_aligned == (flag and huge_pages.huge_pages_available())
+
+
+def test_sals_decode_is_the_same_on_either_page_size():
+    """huge_pages only places memory: a SALS decode gives the same logits either way; a non-bool is refused."""
+    from transformers import DynamicCache
+
+    from compactlm.attention.runtime import sparse_attention
+    from compactlm.attention.sals import SALSConfig
+    from compactlm.attention.sals_calib import calibrate_sals
+    from compactlm.errors import ConfigError
+    from compactlm.models import tiny_model
+
+    with pytest.raises(ConfigError, match="huge_pages"):
+        SALSConfig(huge_pages="yes")
+    model = tiny_model("llama", seed=0).eval()
+    calibrate_sals(model, torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(0)))
+    ids, new = torch.randint(3, 256, (1, 60)), torch.randint(3, 256, (1, 4))
+    logits = []
+    for flag in (True, False):
+        cfg = SALSConfig(rank=0.5, keep=8, sink=2, recent=4, dense_first=0, dense_last=0, mode="index",
+                         huge_pages=flag)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), sparse_attention(model, cfg):
+            model(ids, cache=cache)
+            logits.append(torch.cat([model(new[:, j:j + 1], cache=cache).logits for j in range(4)], 1))
+        assert cache.layers[0].huge_pages is flag
+    assert torch.equal(logits[0], logits[1])
