@@ -88,10 +88,13 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 
 
 def on_huge_pages(t: torch.Tensor) -> int:
-    """Bytes of ``t``'s memory that the kernel maps with huge pages now (Linux ``/proc/self/smaps``; 0 elsewhere).
+    """Bytes of ``t``'s memory on huge pages now, from Linux ``/proc/self/smaps`` (0 elsewhere).
 
-    For tests and benchmark records: says whether the advice took effect, which depends on the kernel (THP mode,
-    free 2 MB blocks) and not only on this module.
+    smaps counts huge pages per mapping, not per address, so this is, per mapping overlapping ``t``, the smaller of
+    its huge-page bytes and the whole 2 MB pages of ``t`` inside it: exact for a buffer with a mapping of its own (a
+    large allocation, which glibc serves with mmap), an upper bound for a tensor sharing a mapping. For tests and
+    benchmark records: it says whether the advice took effect, which depends on the kernel (THP mode, free 2 MB
+    blocks), not only on us.
     """
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     total = 0
