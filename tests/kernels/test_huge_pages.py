@@ -20,13 +20,17 @@ def test_big_buffer_is_a_plain_contiguous_tensor_on_aligned_memory():
 
 
 @needs_thp
-def test_advice_takes_effect_once_written():
+def test_advice_is_on_the_buffer_and_not_on_plain_ones():
+    """The buffer's own mapping is advised (THPeligible); whether 2 MB pages are then granted depends on free
+    memory blocks at fault time, so that is recorded by the bench (on_huge_pages), not asserted here."""
     t = huge_pages.empty(BIG, torch.bfloat16)
     t.fill_(1.0)
-    assert huge_pages.on_huge_pages(t) >= huge_pages.HUGE_PAGE  # the kernel granted 2 MB pages for it
-    plain = huge_pages.empty(BIG, torch.bfloat16, enabled=False)
-    plain.fill_(1.0)
-    assert huge_pages.on_huge_pages(plain) == 0 or huge_pages.thp_mode() == "always"
+    assert huge_pages.huge_page_eligible(t)
+    assert 0 <= huge_pages.on_huge_pages(t) <= t.nbytes
+    if huge_pages.thp_mode() == "madvise":
+        plain = huge_pages.empty(BIG, torch.bfloat16, enabled=False)
+        plain.fill_(1.0)
+        assert not huge_pages.huge_page_eligible(plain)
 
 
 @pytest.mark.parametrize("shape, kwargs", [((1024,), {}), (BIG, {"enabled": False}), (BIG, {"device": "meta"})])
@@ -38,7 +42,11 @@ def test_small_disabled_or_non_cpu_buffers_are_torch_empty(shape, kwargs):
 def test_refused_advice_warns_once_and_keeps_the_buffer(monkeypatch):
     if not huge_pages.huge_pages_available():
         pytest.skip("no transparent huge pages here")
-    monkeypatch.setattr(huge_pages, "_MADVISE", lambda addr, size, advice: -1)
+
+    def refuse(region, offset, length):  # as a kernel that refuses the advice
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(huge_pages, "_advise", refuse)
     monkeypatch.setattr(huge_pages, "_WARNED", False)
     with pytest.warns(UserWarning, match="MADV_HUGEPAGE"):
         t = huge_pages.empty(BIG, torch.float16)
@@ -57,8 +65,10 @@ def test_sals_cache_grows_onto_huge_pages_unless_disabled(flag):
     layer._grow(1, 4096, like, like)  # 8 heads x 4096 tokens x 128 x 2 B = 8 MiB each for keys and values
     for buf in (layer._keys, layer._values):
         assert buf.shape == (1, 8, 4096, 128) and buf.is_contiguous()
-        on_aligned = buf.data_ptr() % huge_pages.HUGE_PAGE == 0 and buf.storage_offset() > 0
-        assert on_aligned == (flag and huge_pages.huge_pages_available())
+        if flag and huge_pages.huge_pages_available():
+            assert buf.data_ptr() % huge_pages.HUGE_PAGE == 0 and huge_pages.huge_page_eligible(buf)
+        elif huge_pages.thp_mode() == "madvise":
+            assert not huge_pages.huge_page_eligible(buf)
 
 
 def test_sals_decode_is_the_same_on_either_page_size():

@@ -16,28 +16,14 @@ are larger.
 
 from __future__ import annotations
 
-import ctypes
 import math
+import mmap
 import warnings
 
 import torch
 
 HUGE_PAGE = 2 << 20  # x86-64 / arm64 (4 KB base pages) PMD size
 MIN_BYTES = 8 << 20  # below this a cache's rows fit the 4 KB-page TLB reach well enough; rounding would cost more
-_MADV_HUGEPAGE = 14
-
-
-def _madvise():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # not Linux / no libc madvise
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _madvise()
 
 
 def thp_mode() -> str | None:
@@ -57,7 +43,7 @@ _WARNED = False
 
 def huge_pages_available() -> bool:
     """Whether :func:`empty` can place buffers on huge pages in this process."""
-    return _MADVISE is not None and _MODE in ("always", "madvise")
+    return hasattr(mmap, "MADV_HUGEPAGE") and _MODE in ("always", "madvise")
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -76,15 +62,32 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     if not enabled or device.type != "cpu" or nbytes < MIN_BYTES or not huge_pages_available():
         return torch.empty(shape, dtype=dtype, device=device)
     span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)
+    # A mapping of its own, never touched: torch.empty would take buffers below glibc's mmap threshold (which rises
+    # to 32 MB after large frees) from the heap, whose pages may already be faulted in as 4 KB pages, on which
+    # the advice does nothing until khugepaged gets to them. The tensor keeps the mapping alive (buffer export).
+    region = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
     offset = -raw.data_ptr() % HUGE_PAGE
-    # Advice only changes how later page faults are served; pages already touched (a reused heap block) stay small
-    # until khugepaged collapses them, so the result is correct either way and at worst not faster.
-    if _MADVISE(raw.data_ptr() + offset, span, _MADV_HUGEPAGE) != 0 and not _WARNED:
-        _WARNED = True
-        warnings.warn(f"madvise(MADV_HUGEPAGE) refused a {span}-byte cache buffer (errno {ctypes.get_errno()}); "
-                      "cache buffers stay on 4 KB pages, so sparse decode gathers run slower", stacklevel=2)
+    try:
+        _advise(region, offset, span)
+    except OSError as exc:  # the memory is fine either way; only the page size, i.e. speed, is at stake
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(f"madvise(MADV_HUGEPAGE) refused a {span}-byte cache buffer ({exc}); cache buffers stay "
+                          "on 4 KB pages, so sparse decode gathers run slower", stacklevel=2)
     return raw[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def _advise(region: mmap.mmap, offset: int, length: int) -> None:
+    region.madvise(mmap.MADV_HUGEPAGE, offset, length)
+
+
+def huge_page_eligible(t: torch.Tensor) -> bool:
+    """Whether the mapping holding ``t`` is advised for huge pages (``THPeligible: 1`` in ``/proc/self/smaps``).
+
+    Unlike :func:`on_huge_pages` this does not depend on the kernel finding free 2 MB blocks at fault time.
+    """
+    return any(eligible for _, eligible in _mappings_of(t))
 
 
 def on_huge_pages(t: torch.Tensor) -> int:
@@ -98,19 +101,29 @@ def on_huge_pages(t: torch.Tensor) -> int:
     """
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     total = 0
+    for (lo, hi, huge_bytes), _ in _mappings_of(t, with_counts=True):
+        overlap = min(hi, end) - max(lo, start)
+        total += min(huge_bytes, (overlap // HUGE_PAGE) * HUGE_PAGE)
+    return total
+
+
+def _mappings_of(t: torch.Tensor, with_counts: bool = False) -> list:
+    """[((lo, hi[, AnonHugePages bytes]), THPeligible)] of the smaps mappings overlapping ``t``; [] without procfs."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    found, current = [], None
     try:
         with open("/proc/self/smaps") as f:
-            lo = hi = 0
             for line in f:
                 head = line.split(None, 1)[0]
                 if "-" in head and not head.endswith(":"):
-                    a, b = head.split("-")
-                    lo, hi = int(a, 16), int(b, 16)
-                elif head == "AnonHugePages:" and lo < end and hi > start:
-                    # smaps gives a whole mapping's count; clip to the part overlapping the tensor
-                    kb = int(line.split()[1])
-                    overlap = min(hi, end) - max(lo, start)
-                    total += min(kb * 1024, (overlap // HUGE_PAGE) * HUGE_PAGE)
+                    a, b = (int(x, 16) for x in head.split("-"))
+                    current = [a, b, 0, False] if a < end and b > start else None
+                    if current is not None:
+                        found.append(current)
+                elif current is not None and head == "AnonHugePages:":
+                    current[2] = int(line.split()[1]) * 1024
+                elif current is not None and head == "THPeligible:":
+                    current[3] = line.split()[1] == "1"
     except OSError:
-        return 0
-    return total
+        return []
+    return [((a, b, n) if with_counts else (a, b), eligible) for a, b, n, eligible in found]
