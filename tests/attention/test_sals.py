@@ -226,3 +226,20 @@ def test_runtime_cpu_kernels_match_tensor_path(model, pool, monkeypatch):
         assert bool(calls) == (impl == "cpu")  # the runtime passed impl through to the compiled kernels
     assert torch.allclose(outs["cpu"], outs["torch"], atol=1e-4), (outs["cpu"] - outs["torch"]).abs().max()
     assert not torch.allclose(outs["cpu"], ref, atol=1e-3)
+
+
+def test_huge_pages_setting_reaches_the_cache_and_changes_no_logit(model):
+    """SALSConfig.huge_pages only places cache memory (kernels.huge_pages): each SALS layer gets the setting, the
+    decode logits are the same either way, and a non-bool is refused."""
+    with pytest.raises(ConfigError, match="huge_pages"):
+        SALSConfig(huge_pages="yes")
+    ids, new = torch.randint(3, 256, (1, 60)), torch.randint(3, 256, (1, 4))
+    logits = []
+    for flag in (True, False):
+        cfg = SALSConfig(rank=0.5, keep=8, sink=2, recent=4, dense_first=0, dense_last=0, mode="index",
+                         huge_pages=flag)
+        with sparse_attention(model, cfg):
+            out, cache = _decode_logits(model, ids, new)
+        assert isinstance(cache.layers[0], SALSLayer) and cache.layers[0].huge_pages is flag
+        logits.append(out)
+    assert torch.equal(logits[0], logits[1])

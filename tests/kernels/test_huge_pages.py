@@ -69,30 +69,3 @@ def test_sals_cache_grows_onto_huge_pages_unless_disabled(flag):
             assert buf.data_ptr() % huge_pages.HUGE_PAGE == 0 and huge_pages.huge_page_eligible(buf)
         elif huge_pages.thp_mode() == "madvise":
             assert not huge_pages.huge_page_eligible(buf)
-
-
-def test_sals_decode_is_the_same_on_either_page_size():
-    """huge_pages only places memory: a SALS decode gives the same logits either way; a non-bool is refused."""
-    from transformers import DynamicCache
-
-    from compactlm.attention.runtime import sparse_attention
-    from compactlm.attention.sals import SALSConfig
-    from compactlm.attention.sals_calib import calibrate_sals
-    from compactlm.errors import ConfigError
-    from compactlm.models import tiny_model
-
-    with pytest.raises(ConfigError, match="huge_pages"):
-        SALSConfig(huge_pages="yes")
-    model = tiny_model("llama", seed=0).eval()
-    calibrate_sals(model, torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(0)))
-    ids, new = torch.randint(3, 256, (1, 60)), torch.randint(3, 256, (1, 4))
-    logits = []
-    for flag in (True, False):
-        cfg = SALSConfig(rank=0.5, keep=8, sink=2, recent=4, dense_first=0, dense_last=0, mode="index",
-                         huge_pages=flag)
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad(), sparse_attention(model, cfg):
-            model(ids, cache=cache)
-            logits.append(torch.cat([model(new[:, j:j + 1], cache=cache).logits for j in range(4)], 1))
-        assert cache.layers[0].huge_pages is flag
-    assert torch.equal(logits[0], logits[1])

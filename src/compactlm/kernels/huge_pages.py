@@ -16,6 +16,7 @@ are larger.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import warnings
@@ -37,13 +38,13 @@ def thp_mode() -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
-_MODE = thp_mode()
 _WARNED = False
 
 
+@functools.cache  # asked on the first large allocation, not at import
 def huge_pages_available() -> bool:
     """Whether :func:`empty` can place buffers on huge pages in this process."""
-    return hasattr(mmap, "MADV_HUGEPAGE") and _MODE in ("always", "madvise")
+    return hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise")
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -58,7 +59,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     """
     global _WARNED
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if not enabled or device.type != "cpu" or nbytes < MIN_BYTES or not huge_pages_available():
         return torch.empty(shape, dtype=dtype, device=device)
     span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
@@ -87,7 +88,7 @@ def huge_page_eligible(t: torch.Tensor) -> bool:
 
     Unlike :func:`on_huge_pages` this does not depend on the kernel finding free 2 MB blocks at fault time.
     """
-    return any(eligible for _, eligible in _mappings_of(t))
+    return any(eligible for _, _, _, eligible in _mappings_of(t))
 
 
 def on_huge_pages(t: torch.Tensor) -> int:
@@ -101,14 +102,14 @@ def on_huge_pages(t: torch.Tensor) -> int:
     """
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     total = 0
-    for (lo, hi, huge_bytes), _ in _mappings_of(t, with_counts=True):
+    for lo, hi, huge_bytes, _ in _mappings_of(t):
         overlap = min(hi, end) - max(lo, start)
         total += min(huge_bytes, (overlap // HUGE_PAGE) * HUGE_PAGE)
     return total
 
 
-def _mappings_of(t: torch.Tensor, with_counts: bool = False) -> list:
-    """[((lo, hi[, AnonHugePages bytes]), THPeligible)] of the smaps mappings overlapping ``t``; [] without procfs."""
+def _mappings_of(t: torch.Tensor) -> list[list]:
+    """[lo, hi, AnonHugePages bytes, THPeligible] of each smaps mapping overlapping ``t``; [] without procfs."""
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     found, current = [], None
     try:
@@ -126,4 +127,4 @@ def _mappings_of(t: torch.Tensor, with_counts: bool = False) -> list:
                     current[3] = line.split()[1] == "1"
     except OSError:
         return []
-    return [((a, b, n) if with_counts else (a, b), eligible) for a, b, n, eligible in found]
+    return found
