@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="take compactlm's rows from an earlier JSON of the same setting and protocol instead of "
                         "re-running them (our pruning is deterministic on the same ids); the rows say where from")
     p.add_argument("--json", help="result JSON (required)")
-    p.add_argument("--note", default="2 cores shared with other engineers' jobs; see load_average")
+    p.add_argument("--note", default="", help="how the machine was shared during the run (each side records its load)")
     p.add_argument("--llmc-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)

@@ -88,8 +88,8 @@ def main() -> int:
     p.add_argument("--tag", default="quick")
     p.add_argument("--quantize", default=None, choices=["w4-gptq-g64"],
                    help="after pruning, quantize with GPTQ (mask respected: pruned weights stay exactly 0)")
-    p.add_argument("--note", default="2 cores shared with the lead engineer's quantization benchmarks and another "
-                   "engineer's jobs (loaded); see load_average")
+    p.add_argument("--note", default="",
+                   help="how the machine was shared during the run (load_average records the load)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -101,7 +101,7 @@ def main() -> int:
     set_quiet(True)
     load_start = os.getloadavg()
     model, tok = compactlm.models.load(args.model, dtype="fp32")
-    setting = args.pattern or f"{round(100 * (args.sparsity if args.sparsity is not None else 0.5))}pct"
+    setting = args.pattern or f"{100 * (args.sparsity if args.sparsity is not None else 0.5):g}pct"
     method = args.method if args.method != "barber" else f"barber-{args.init}"
     if args.method == "barber" and args.criterion:
         method += f"-{args.criterion}"

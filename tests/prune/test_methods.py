@@ -6,7 +6,7 @@ import torch
 import compactlm
 from compactlm.errors import DataError
 from compactlm.models import get_adapter, tiny_model
-from compactlm.prune import Barber, Magnitude, SparseGPT, Wanda, is_nm, mask_from_scores
+from compactlm.prune import Barber, Magnitude, PruneReport, SparseGPT, Wanda, is_nm, mask_from_scores
 from compactlm.prune.common import n_pruned
 from compactlm.prune.magnitude import magnitude_scores
 from compactlm.prune.sparsegpt import sparsegpt_prune
@@ -63,6 +63,15 @@ def test_exact_unstructured_sparsity_per_row(config):
         zeros = (m.weight == 0).sum(1)
         assert (zeros == n_pruned(m.in_features, s)).all(), name
     assert len(report.sparsity) == 14 and report.seconds > 0
+    weights = _linears(model).values()
+    zeros = sum(int((m.weight == 0).sum()) for m in weights)
+    assert report.overall_sparsity == pytest.approx(zeros / sum(m.weight.numel() for m in weights), abs=1e-12)
+
+
+def test_overall_sparsity_weights_each_linear_by_its_size():
+    # A 3x larger linear at 50 % beside a dense one: 0.375 of all weights are zero (the unweighted mean is 0.25).
+    report = PruneReport({}, [], [], {"a": 0.5, "b": 0.0}, {"a": 300, "b": 100, "unpruned": 10_000}, 1.0)
+    assert report.overall_sparsity == pytest.approx(0.375)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])

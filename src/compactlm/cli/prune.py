@@ -113,7 +113,7 @@ def run(args) -> int:
     rows = [{"linear": n, "sparsity": s} for n, s in report.sparsity.items()]
     if not args.quiet and len(rows) <= 40:
         print_table(rows)
-    print(f"{type(config).__name__} {config.describe()}: {len(rows)} linears, mean sparsity "
+    print(f"{type(config).__name__} {config.describe()}: {len(rows)} linears, sparsity "
           f"{report.overall_sparsity:.4f}, {seconds:.1f} s, peak RSS {peak_rss_mib():.0f} MiB -> {out}")
     emit_json(args.json, {
         "model": args.model, "config": config.to_dict(), "per_layer_sparsity": report.sparsity,

@@ -268,7 +268,7 @@ def rebuild_lm(model: nn.Module, config, calib: Any, filter_fn=None, **options: 
     import time
 
     from ..models import get_adapter
-    from .common import layer_sparsity
+    from .common import layer_sizes, layer_sparsity
 
     start = time.perf_counter()
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
@@ -338,4 +338,5 @@ def rebuild_lm(model: nn.Module, config, calib: Any, filter_fn=None, **options: 
     layer_records.append({"lm_rounds": rounds, "swaps": {}, "heldout_sequences": int(heldout.shape[0]),
                           "train_sequences": int(train.shape[0]), "memory_estimate": memory})
     sparsity = {n: s for n, s in layer_sparsity(model).items() if n in init_report.sparsity}
-    return PruneReport(config.to_dict(), init_report.records, layer_records, sparsity, time.perf_counter() - start)
+    return PruneReport(config.to_dict(), init_report.records, layer_records, sparsity, layer_sizes(model),
+                       time.perf_counter() - start)

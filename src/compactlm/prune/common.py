@@ -221,6 +221,15 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def layer_sizes(model: nn.Module) -> dict[str, int]:
+    """Number of weights of every linear of the decoder layers, by full name (``overall_sparsity``'s weights)."""
+    from ..models import get_adapter
+
+    adapter = get_adapter(model)
+    return {f"{adapter.layer_prefix(i)}.{name}": module.weight.numel()
+            for i in range(adapter.num_layers) for name, module in adapter.linears(i).items()}
+
+
 @dataclasses.dataclass
 class PruneReport:
     """What a pruning run did: per-linear records (sparsity, loss, seconds), per-layer records, totals."""
@@ -229,11 +238,15 @@ class PruneReport:
     records: list[dict[str, Any]]
     layer_records: list[dict[str, Any]]
     sparsity: dict[str, float]  # full linear name -> fraction of zeros
+    sizes: dict[str, int]  # full linear name -> number of weights
     seconds: float
 
     @property
     def overall_sparsity(self) -> float:
-        return sum(self.sparsity.values()) / max(len(self.sparsity), 1)
+        """Fraction of zeros over all the pruned linears' weights (weighted by size: a 1536-input down_proj
+        counts 2.67x a 576-input q_proj; before 6 Dec 2026 this was the unweighted mean over linears)."""
+        total = sum(self.sizes[n] for n in self.sparsity)
+        return sum(s * self.sizes[n] for n, s in self.sparsity.items()) / max(total, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "overall_sparsity": self.overall_sparsity}
@@ -251,4 +264,5 @@ def execute(model: nn.Module, config: PruneConfig, run: PruneRun, calib: Any,
     after = layer_sparsity(model)
     touched = {r["name"] for r in report.records}
     sparsity = {n: s for n, s in after.items() if n in touched or s != before[n]}
-    return PruneReport(config.to_dict(), report.records, report.layer_records, sparsity, time.perf_counter() - start)
+    return PruneReport(config.to_dict(), report.records, report.layer_records, sparsity, layer_sizes(model),
+                       time.perf_counter() - start)

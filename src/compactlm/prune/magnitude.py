@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..registry import register
-from .common import PruneConfig, PruneReport, PruneRun, layer_sparsity, linear_filter, mask_from_scores
+from .common import PruneConfig, PruneReport, PruneRun, layer_sizes, layer_sparsity, linear_filter, mask_from_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ def prune_magnitude(model: nn.Module, config: Magnitude, filter_fn=None) -> Prun
                 records.append({"name": f"{ctx.prefix}.{name}", **run.solve(name, module, None, ctx)})
     touched = {r["name"] for r in records}
     sparsity = {n: s for n, s in layer_sparsity(model).items() if n in touched}
-    return PruneReport(config.to_dict(), records, [], sparsity, time.perf_counter() - start)
+    return PruneReport(config.to_dict(), records, [], sparsity, layer_sizes(model), time.perf_counter() - start)
 
 
 @register(Magnitude)
