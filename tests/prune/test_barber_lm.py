@@ -169,7 +169,7 @@ def test_lm_is_the_default_with_its_step_ladder_and_block_keeps_its_own():
     from compactlm.prune.barber import LM_SEARCH_RATIOS
 
     cfg = Barber(init=Wanda(sparsity=0.5))
-    assert cfg.objective == "lm" and cfg.search_ratios == LM_SEARCH_RATIOS == (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    assert cfg.objective == "lm" and cfg.search_ratios == LM_SEARCH_RATIOS == (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     assert (cfg.rounds, cfg.margin, cfg.heldout) == (1, 2.0, 8)
     # the block objective a user sets is what it was: the single rebuild_ratio, no search
     block = Barber(init=Wanda(sparsity=0.5), objective="block")

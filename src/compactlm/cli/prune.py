@@ -31,7 +31,7 @@ def register(groups) -> None:
     p.add_argument("--search-ratios", default=None, metavar="R1,R2,...",
                    help="barber only: try each ratio, keep the one with the lowest loss (lm: held-out next-token "
                         "loss of the whole model; block: each block's calibration error). Default: "
-                        "0.00003,0.0001,0.0003,0.001,0.003 with --objective lm, none (the single --rebuild-ratio) "
+                        "0.00003,0.0001,0.0003,0.001,0.003,0.01 with --objective lm, none (the single --rebuild-ratio) "
                         "with block")
     p.add_argument("--objective", default="lm", choices=["lm", "block"],
                    help="barber only: lm (default) = the model's next-token loss, the whole mask rebuilt at once, the "
