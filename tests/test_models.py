@@ -26,6 +26,10 @@ def test_tiny_family_loads_and_adapter_finds_every_module(family):
         for group in a.fused_groups(i):
             assert all(n in lin for n in group)
         assert isinstance(a.key_pre_rope_module(i), nn.Module)
+    # the full-name walk: every linear once, each name resolving to the very module
+    named = a.named_linears()
+    assert len(named) == sum(len(a.linears(i)) for i in range(a.num_layers))
+    assert all(model.get_submodule(n) is m for n, m in named.items())
     info = a.info()
     assert info["layers"] == a.num_layers and info["parameters"] > 0
 

@@ -90,12 +90,10 @@ def per_layer_choices(model: nn.Module, step_reports: list[dict[str, Any]]) -> d
     from .quant.common import quant_summary
 
     summary = quant_summary(model)
-    adapter = get_adapter(model)
     sparsity = {}
-    for i in range(adapter.num_layers):
-        for rel, module in adapter.linears(i).items():
-            w = module.dequantize_weight() if isinstance(module, PackedLinear) else module.weight
-            sparsity[f"{adapter.layer_prefix(i)}.{rel}"] = float((w == 0).float().mean())
+    for name, module in get_adapter(model).named_linears().items():
+        w = module.dequantize_weight() if isinstance(module, PackedLinear) else module.weight
+        sparsity[name] = float((w == 0).float().mean())
     out = {"bits": summary["bits_per_layer"], "avg_bits": summary["avg_bits"],
            "avg_bits_with_metadata": summary["avg_bits_with_metadata"], "sparsity": sparsity}
     for rep in step_reports:

@@ -86,9 +86,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any =
     if format not in ("auto", "dense", "sparse-24-bitmask"):
         raise ConfigError(f"format must be auto, dense or sparse-24-bitmask, got {format!r}")
     dtype = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
-    adapter = get_adapter(model)
-    linears = {f"{adapter.layer_prefix(i)}.{n}": m for i in range(adapter.num_layers)
-               for n, m in adapter.linears(i).items()}
+    linears = get_adapter(model).named_linears()
     sparse = {n: m for n, m in linears.items() if bool((m.weight == 0).any())}
     if not sparse:
         raise ConfigError("the model has no pruned linears (no exact zeros); prune it first (compactlm.prune)")

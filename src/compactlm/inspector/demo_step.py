@@ -23,8 +23,7 @@ def step_inspect(ctx) -> list[dict[str, Any]]:
     from .inspector import InspectConfig, inspect
 
     ref, tok = ctx.load()
-    adapter = get_adapter(ref)
-    names = [f"{adapter.layer_prefix(i)}.{n}" for i in range(adapter.num_layers) for n in adapter.linears(i)]
+    names = list(get_adapter(ref).named_linears())
     planted = random.Random(0).choice(names)
     cand = copy.deepcopy(ref)
     with torch.no_grad():

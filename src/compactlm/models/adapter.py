@@ -180,6 +180,10 @@ class Adapter:
         """Every compressible linear of layer ``i``, keyed by its name relative to the layer."""
         return {**self.attention_linears(i), **self.mlp_linears(i)}
 
+    def named_linears(self) -> dict[str, nn.Linear]:
+        """Every compressible linear of every decoder layer, keyed by its full module name."""
+        return {f"{self.layer_prefix(i)}.{n}": m for i in range(self.num_layers) for n, m in self.linears(i).items()}
+
     def sequential_groups(self, i: int) -> list[list[str]]:
         """Linears in ``true_sequential`` order: each group's inputs depend on the groups before it."""
         names = list(self.mlp_linears(i))

@@ -213,21 +213,14 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
     """Fraction of exact zeros in every linear of the decoder layers, by full name."""
     from ..models import get_adapter
 
-    adapter = get_adapter(model)
-    out = {}
-    for i in range(adapter.num_layers):
-        for name, module in adapter.linears(i).items():
-            out[f"{adapter.layer_prefix(i)}.{name}"] = sparsity_of(module.weight)
-    return out
+    return {name: sparsity_of(module.weight) for name, module in get_adapter(model).named_linears().items()}
 
 
 def layer_sizes(model: nn.Module) -> dict[str, int]:
     """Number of weights of every linear of the decoder layers, by full name (``overall_sparsity``'s weights)."""
     from ..models import get_adapter
 
-    adapter = get_adapter(model)
-    return {f"{adapter.layer_prefix(i)}.{name}": module.weight.numel()
-            for i in range(adapter.num_layers) for name, module in adapter.linears(i).items()}
+    return {name: module.weight.numel() for name, module in get_adapter(model).named_linears().items()}
 
 
 @dataclasses.dataclass
